@@ -1,0 +1,191 @@
+"""The ordered composition of cache layers.
+
+Guarantees:
+- lookups go fastest layer first and stop at the first fresh hit, which is promoted into every
+  faster layer (keeping its original creation and expiry times);
+- writes go through to every layer;
+- each operation on a layer with a `timeout` is bounded by it;
+- a failing layer is a miss (or a skipped write) for that request — never an exception to the
+  caller — counted per layer and logged once when it starts failing and once when it recovers;
+- the per-layer hit / miss / error / store counters are plain integers read by stats and metrics
+  at scrape time, so the hit path does no metrics work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from caches.base import CachedResponse, CacheKey, CacheLayer, CacheStats
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class LayerCounters:
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0
+    stores: int = 0
+    store_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The result of one chain lookup: the value (or `None`), the layer that had it, and the
+    seconds spent in each layer consulted, in order."""
+
+    value: CachedResponse | None
+    layer: str | None
+    timings: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerReport:
+    layer: str
+    entries: int | None
+    bytes: int | None
+    hits: int
+    misses: int
+    errors: int
+    stores: int
+    store_errors: int
+    available: bool
+
+
+class CacheChain:
+    def __init__(
+        self, layers: Sequence[CacheLayer], *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.layers: tuple[CacheLayer, ...] = tuple(layers)
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"layer names must be unique: {names}")
+        self.counters: dict[str, LayerCounters] = {name: LayerCounters() for name in names}
+        self._failing: dict[str, bool] = dict.fromkeys(names, False)
+        self._clock = clock
+
+    async def _call(self, layer: CacheLayer, op: Awaitable[T]) -> T:
+        if layer.timeout is None:
+            return await op
+        async with asyncio.timeout(layer.timeout):
+            return await op
+
+    def _failed(self, layer: CacheLayer, exc: BaseException) -> None:
+        if not self._failing[layer.name]:
+            self._failing[layer.name] = True
+            log.warning(
+                "cache layer %s failing (%s: %s); treating it as a miss until it recovers",
+                layer.name,
+                type(exc).__name__,
+                exc,
+            )
+
+    def _succeeded(self, layer: CacheLayer) -> None:
+        if self._failing[layer.name]:
+            self._failing[layer.name] = False
+            log.warning("cache layer %s recovered", layer.name)
+
+    def failing(self, name: str) -> bool:
+        return self._failing[name]
+
+    async def get(self, key: CacheKey, *, max_age: int | None = None) -> Lookup:
+        timings: list[tuple[str, float]] = []
+        for index, layer in enumerate(self.layers):
+            counters = self.counters[layer.name]
+            started = time.perf_counter()
+            try:
+                value = await self._call(layer, layer.get(key))
+            except Exception as exc:
+                timings.append((layer.name, time.perf_counter() - started))
+                counters.errors += 1
+                self._failed(layer, exc)
+                continue
+            timings.append((layer.name, time.perf_counter() - started))
+            self._succeeded(layer)
+            if value is None or (max_age is not None and value.age(self._clock()) > max_age):
+                counters.misses += 1
+                continue
+            counters.hits += 1
+            if index:
+                await self._write(self.layers[:index], key, value)
+            return Lookup(value=value, layer=layer.name, timings=tuple(timings))
+        return Lookup(value=None, layer=None, timings=tuple(timings))
+
+    async def _write(
+        self, layers: Sequence[CacheLayer], key: CacheKey, value: CachedResponse
+    ) -> None:
+        for layer in layers:
+            counters = self.counters[layer.name]
+            try:
+                await self._call(layer, layer.set(key, value))
+            except Exception as exc:
+                counters.store_errors += 1
+                self._failed(layer, exc)
+                continue
+            self._succeeded(layer)
+            counters.stores += 1
+
+    async def set(self, key: CacheKey, value: CachedResponse) -> None:
+        await self._write(self.layers, key, value)
+
+    async def delete(self, key: CacheKey) -> int:
+        removed = 0
+        for layer in self.layers:
+            try:
+                removed += bool(await self._call(layer, layer.delete(key)))
+            except Exception as exc:
+                self.counters[layer.name].errors += 1
+                self._failed(layer, exc)
+        return removed
+
+    async def clear(self) -> dict[str, int | None]:
+        """Remove every entry from every layer; `None` for a layer that could not be cleared."""
+        cleared: dict[str, int | None] = {}
+        for layer in self.layers:
+            try:
+                # Clearing walks the whole keyspace; it is not bounded by the per-op timeout.
+                cleared[layer.name] = await layer.clear()
+            except Exception as exc:
+                self.counters[layer.name].errors += 1
+                self._failed(layer, exc)
+                cleared[layer.name] = None
+        return cleared
+
+    async def stats(self) -> list[LayerReport]:
+        reports = []
+        for layer in self.layers:
+            available = True
+            try:
+                stats = await layer.stats()
+            except Exception as exc:
+                log.warning("cache layer %s: stats unavailable (%s)", layer.name, exc)
+                stats, available = CacheStats(layer=layer.name, entries=None, bytes=None), False
+            c = self.counters[layer.name]
+            reports.append(
+                LayerReport(
+                    layer=layer.name,
+                    entries=stats.entries,
+                    bytes=stats.bytes,
+                    hits=c.hits,
+                    misses=c.misses,
+                    errors=c.errors,
+                    stores=c.stores,
+                    store_errors=c.store_errors,
+                    available=available,
+                )
+            )
+        return reports
+
+    async def aclose(self) -> None:
+        for layer in self.layers:
+            try:
+                await layer.aclose()
+            except Exception as exc:
+                log.warning("cache layer %s: close failed (%s)", layer.name, exc)

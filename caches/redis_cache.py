@@ -1,0 +1,148 @@
+"""L2: exact-match entries in Redis, shared by every gateway replica.
+
+Guarantees: one Redis string per entry, `SET ... EX` so Redis expires it; values are the versioned
+msgpack records of `caches.codec`, checked against the key on read — a garbled, foreign-version or
+wrong-key value is a miss and is deleted. Every command is bounded by the layer's timeout (socket
+timeouts here, the chain's deadline around each call) with at most one immediate retry on a broken
+connection, so a dead Redis costs a request at most about one timeout. Nothing here walks the
+keyspace with `KEYS`: `clear` and `stats` use `SCAN` over this layer's own prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from caches.base import CachedResponse, CacheKey, CacheStats
+from caches.codec import CorruptEntry, decode, encode
+
+log = logging.getLogger(__name__)
+
+SCAN_BATCH = 1000
+
+
+def connect(url: str, *, timeout: float, max_connections: int) -> aioredis.Redis:
+    """A pooled client whose every wait is bounded by `timeout` seconds."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # One immediate retry replaces a pooled connection that died with a restarted server.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+        health_check_interval=0,
+    )
+    # `from_pool`: the client owns the pool and closes it on `aclose()`.
+    return aioredis.Redis.from_pool(pool)
+
+
+class RedisCache:
+    name = "l2"
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str,
+        timeout: float,
+        clock: Callable[[], float] = time.time,
+        owns_client: bool = True,
+    ) -> None:
+        self._redis = client
+        self._prefix = f"{prefix}:x:"
+        self.timeout: float | None = timeout
+        self._clock = clock
+        self._owns_client = owns_client
+        self.corrupt = 0
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._redis
+
+    def _rkey(self, key: CacheKey) -> str:
+        return self._prefix + key.digest
+
+    async def get(self, key: CacheKey) -> CachedResponse | None:
+        rkey = self._rkey(key)
+        try:
+            data = await self._redis.get(rkey)
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            # Something that is not ours sits at our key: unreadable, so drop it.
+            self.corrupt += 1
+            log.warning("l2: dropping a non-string value at an entry key")
+            await self._redis.unlink(rkey)
+            return None
+        if data is None:
+            return None
+        if not isinstance(data, bytes):
+            data = data.encode()
+        try:
+            value = decode(key, data)
+        except CorruptEntry as exc:
+            self.corrupt += 1
+            log.warning("l2: dropping unreadable entry (%s)", exc)
+            await self._redis.unlink(rkey)
+            return None
+        if value.expired(self._clock()):
+            return None
+        return value
+
+    async def set(self, key: CacheKey, value: CachedResponse) -> None:
+        ttl = math.ceil(value.expires_at - self._clock())
+        if ttl <= 0:
+            return
+        await self._redis.set(self._rkey(key), encode(key, value), ex=ttl)
+
+    async def delete(self, key: CacheKey) -> bool:
+        return bool(await self._redis.unlink(self._rkey(key)))
+
+    async def _scan(self) -> AsyncIterator[list[bytes | str]]:
+        cursor: int = 0
+        while True:
+            cursor, keys = await self._redis.scan(
+                cursor=cursor, match=self._prefix + "*", count=SCAN_BATCH
+            )
+            if keys:
+                yield keys
+            if cursor == 0:
+                return
+
+    async def clear(self) -> int:
+        removed = 0
+        async for keys in self._scan():
+            removed += int(await self._redis.unlink(*keys))
+        return removed
+
+    async def stats(self) -> CacheStats:
+        entries = size = 0
+        async for keys in self._scan():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.strlen(k)
+                lengths = await pipe.execute()
+            entries += len(keys)
+            size += sum(int(n) for n in lengths)
+        return CacheStats(layer=self.name, entries=entries, bytes=size)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            return False
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._redis.aclose()

@@ -1,0 +1,136 @@
+"""Strata's one settings object.
+
+Guarantees: every tunable lives here, is validated when `Settings` is built (bad values fail at
+start-up with the field name in the message), and is read from, in falling precedence, explicit
+keyword arguments (the CLI), `STRATA_*` environment variables, an optional YAML/TOML file named by
+`STRATA_CONFIG`, and the defaults below. Only the entry point builds it; the rest receive it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_ENV = "STRATA_CONFIG"
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls"})
+
+
+class Settings(BaseSettings):
+    """Validated configuration for one gateway process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STRATA_",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # --- serving ---
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_body_bytes: ByteSize = Field(default=ByteSize(4 * 1024 * 1024), gt=0)
+
+    # --- engine ---
+    engine_url: str = "http://127.0.0.1:8000"
+    engine_api_key: SecretStr | None = None
+    engine_connect_timeout: float = Field(default=5.0, gt=0)
+    engine_read_timeout: float = Field(default=600.0, gt=0)
+    engine_max_connections: int = Field(default=512, ge=1)
+    engine_health_timeout: float = Field(default=2.0, gt=0)
+
+    # --- exact cache policy ---
+    cache_enabled: bool = True
+    default_ttl: int = Field(default=3600, ge=1, description="seconds")
+    max_ttl: int = Field(default=30 * 24 * 3600, ge=1, description="cap on X-Strata-TTL, seconds")
+    model_epoch: str = Field(default="1", min_length=1, max_length=128)
+    storable_finish_reasons: frozenset[str] = FINISH_REASONS
+    max_entry_bytes: ByteSize = Field(default=ByteSize(2 * 1024 * 1024), gt=0)
+
+    # --- L1 ---
+    l1_max_entries: int = Field(default=10_000, ge=0, description="0 disables L1")
+    l1_max_bytes: ByteSize = Field(default=ByteSize(256 * 1024 * 1024), ge=0)
+
+    # --- L2 ---
+    redis_enabled: bool = True
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout: float = Field(default=0.05, gt=0, description="per-operation, seconds")
+    redis_max_connections: int = Field(default=64, ge=1)
+    redis_key_prefix: str = Field(default="strata", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+
+    # --- admin ---
+    admin_key: SecretStr | None = None
+
+    @field_validator("engine_url")
+    @classmethod
+    def _engine_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("storable_finish_reasons")
+    @classmethod
+    def _finish_reasons(cls, value: frozenset[str]) -> frozenset[str]:
+        unknown = value - FINISH_REASONS
+        if unknown:
+            raise ValueError(
+                f"only complete answers can be stored; unknown finish reasons {sorted(unknown)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _ttl_order(self) -> Settings:
+        if self.default_ttl > self.max_ttl:
+            raise ValueError("default_ttl must not exceed max_ttl")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get(CONFIG_ENV)
+        if path:
+            sources.append(_file_source(settings_cls, Path(path)))
+        return tuple(sources)
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    if not path.is_file():
+        raise FileNotFoundError(f"{CONFIG_ENV}={path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in {".yaml", ".yml"}:
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    raise ValueError(f"{CONFIG_ENV}={path}: use a .yaml, .yml or .toml file")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment and config file, with `overrides` taking precedence.
+
+    `None` overrides are dropped so that unset CLI flags fall through to the environment.
+    """
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

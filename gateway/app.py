@@ -1,0 +1,119 @@
+"""The gateway application, built from arguments.
+
+Guarantees: nothing happens at import; `create_app` wires settings, engine client, cache chain and
+metrics registry, creating only what was not injected; the lifespan opens every resource it created
+in one `AsyncExitStack` and closes them in reverse order on shutdown (an injected resource belongs
+to whoever created it); handlers reach the wiring through the typed lifespan state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+from caches import CacheChain, CacheLayer, MemoryCache, RedisCache
+from caches.redis_cache import connect
+from config import Settings
+from engine import EngineClient
+from gateway import admin, errors, routes
+from gateway.flow import CompletionService
+from gateway.metrics import GatewayMetrics
+from gateway.state import AppState
+
+
+def build_chain(settings: Settings, *, clock: Callable[[], float] = time.time) -> CacheChain:
+    """L1 then L2, each only if enabled in `settings`."""
+    layers: list[CacheLayer] = []
+    if settings.l1_max_entries > 0 and settings.l1_max_bytes > 0:
+        layers.append(
+            MemoryCache(
+                max_entries=settings.l1_max_entries,
+                max_bytes=int(settings.l1_max_bytes),
+                clock=clock,
+            )
+        )
+    if settings.redis_enabled:
+        client = connect(
+            settings.redis_url,
+            timeout=settings.redis_timeout,
+            max_connections=settings.redis_max_connections,
+        )
+        layers.append(
+            RedisCache(
+                client,
+                prefix=settings.redis_key_prefix,
+                timeout=settings.redis_timeout,
+                clock=clock,
+            )
+        )
+    return CacheChain(layers, clock=clock)
+
+
+def build_engine(settings: Settings) -> EngineClient:
+    return EngineClient(
+        settings.engine_url,
+        connect_timeout=settings.engine_connect_timeout,
+        read_timeout=settings.engine_read_timeout,
+        health_timeout=settings.engine_health_timeout,
+        max_connections=settings.engine_max_connections,
+        api_key=settings.engine_api_key.get_secret_value() if settings.engine_api_key else None,
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: EngineClient | None = None,
+    cache: CacheChain | None = None,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, AppState]]:
+        async with AsyncExitStack() as stack:
+            engine_client = engine
+            if engine_client is None:
+                engine_client = build_engine(settings)
+                stack.push_async_callback(engine_client.aclose)
+            chain = cache
+            if chain is None:
+                chain = build_chain(settings, clock=clock)
+                stack.push_async_callback(chain.aclose)
+            metrics_registry = registry
+            if metrics_registry is None:
+                metrics_registry = CollectorRegistry()
+                ProcessCollector(registry=metrics_registry)
+                PlatformCollector(registry=metrics_registry)
+            metrics = GatewayMetrics(metrics_registry)
+            service = CompletionService(
+                settings, engine_client, chain, clock=clock, observe_engine=metrics.observe_engine
+            )
+            collector = metrics.bind(service, chain)
+            stack.callback(metrics_registry.unregister, collector)
+            stack.callback(metrics_registry.unregister, metrics.engine_seconds)
+            redis = next((lay for lay in chain.layers if isinstance(lay, RedisCache)), None)
+            yield {
+                "strata": AppState(
+                    settings=settings,
+                    engine=engine_client,
+                    chain=chain,
+                    service=service,
+                    registry=metrics_registry,
+                    redis=redis,
+                )
+            }
+
+    app = FastAPI(
+        title="Strata",
+        summary="OpenAI-compatible caching gateway for vLLM",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(routes.router)
+    app.include_router(admin.router)
+    return app

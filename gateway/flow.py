@@ -1,0 +1,212 @@
+"""How one completion request is answered, top to bottom.
+
+parse and validate → decide (policy) → look up (chain) → one engine call → store if storable →
+respond. Guarantees: a hit does no work beyond parsing, validating, keying and one chain lookup;
+the body sent to the engine is the one the client sent; only complete successful answers are
+stored; the cache never fails a request (the chain fails open); engine failures become OpenAI-shaped
+errors with the right status; every answer says how it was served (`X-Strata-Cache`, and on hits
+`X-Strata-Layer` and `Age`) and where the time went (`Server-Timing`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from caches import (
+    CacheChain,
+    CachedResponse,
+    CacheKey,
+    ControlError,
+    build_key,
+    decide,
+    parse_cache_control,
+    storable,
+    usage_tokens,
+)
+from config import Settings
+from engine import EngineClient, EngineError, upstream_error
+from gateway.errors import APIError, error_payload
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_json_object, validate
+
+log = logging.getLogger(__name__)
+
+RouteName = Literal["chat", "completions"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    name: RouteName
+    path: str
+    schema: type[ChatCompletionRequest] | type[CompletionRequest]
+
+
+ROUTES: dict[RouteName, RouteSpec] = {
+    "chat": RouteSpec("chat", "/v1/chat/completions", ChatCompletionRequest),
+    "completions": RouteSpec("completions", "/v1/completions", CompletionRequest),
+}
+
+JSON = "application/json"
+
+
+def _timing(parts: tuple[tuple[str, float], ...]) -> str:
+    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts)
+
+
+class CompletionService:
+    """Answers completion requests from the cache chain or the engine."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: EngineClient,
+        chain: CacheChain,
+        *,
+        clock: Callable[[], float] = time.time,
+        observe_engine: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._chain = chain
+        self._clock = clock
+        self._epoch = settings.model_epoch
+        self._max_ttl = settings.max_ttl
+        self._default_ttl = settings.default_ttl
+        self._max_entry = int(settings.max_entry_bytes)
+        self._finish = settings.storable_finish_reasons
+        self._enabled = settings.cache_enabled
+        # Plain counters, read by the metrics collector at scrape time: (route, status, outcome).
+        self.outcomes: Counter[tuple[str, int, str]] = Counter()
+        self._observe_engine = observe_engine
+
+    def tenant_of(self, headers: Mapping[str, str]) -> str:
+        """One anonymous tenant until API keys map requests to tenants."""
+        return "anonymous"
+
+    async def complete(self, route: RouteName, raw: bytes, headers: Mapping[str, str]) -> Response:
+        spec = ROUTES[route]
+        try:
+            response = await self._complete(spec, raw, headers)
+        except APIError as exc:
+            self.outcomes[(route, exc.status, "error")] += 1
+            raise
+        return response
+
+    async def _complete(self, spec: RouteSpec, raw: bytes, headers: Mapping[str, str]) -> Response:
+        body = parse_json_object(raw)
+        validate(spec.schema, body)
+        try:
+            control = parse_cache_control(
+                headers.get("cache-control"), headers.get("x-strata-ttl"), max_ttl=self._max_ttl
+            )
+        except ControlError as exc:
+            raise APIError(400, str(exc), param=exc.header, code="invalid_header") from exc
+        decision = decide(body, control, enabled=self._enabled)
+
+        if body.get("stream") is True:
+            return await self._relay_stream(spec, raw)
+
+        key: CacheKey | None = None
+        timings: tuple[tuple[str, float], ...] = ()
+        if decision.lookup or decision.store:
+            key = build_key(spec.name, body, tenant=self.tenant_of(headers), epoch=self._epoch)
+        if decision.lookup and key is not None:
+            lookup = await self._chain.get(key, max_age=control.max_age)
+            timings = lookup.timings
+            hit = lookup.value
+            if hit is not None:
+                self.outcomes[(spec.name, 200, "hit")] += 1
+                return Response(
+                    hit.body,
+                    media_type=JSON,
+                    headers={
+                        "x-strata-cache": "hit",
+                        "x-strata-layer": lookup.layer or "",
+                        "age": str(int(hit.age(self._clock()))),
+                        "server-timing": _timing(timings),
+                    },
+                )
+
+        started = time.perf_counter()
+        try:
+            answer = await self._engine.post(spec.path, raw)
+        except EngineError as exc:
+            raise APIError.from_engine(exc) from exc
+        engine_time = time.perf_counter() - started
+        if self._observe_engine is not None:
+            self._observe_engine(spec.name, engine_time)
+        timings = (*timings, ("engine", engine_time))
+        if answer.status != 200:
+            raise APIError.from_engine(upstream_error(answer.status, answer.body))
+
+        outcome = "miss" if decision.store else "bypass"
+        if decision.store and key is not None:
+            await self._store(key, answer.body, control.ttl)
+        self.outcomes[(spec.name, 200, outcome)] += 1
+        return Response(
+            answer.body,
+            media_type=answer.content_type or JSON,
+            headers={"x-strata-cache": outcome, "server-timing": _timing(timings)},
+        )
+
+    async def _store(self, key: CacheKey, body: bytes, ttl: int | None) -> None:
+        if len(body) > self._max_entry:
+            return
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        if not storable(200, payload, self._finish):
+            return
+        prompt, completion = usage_tokens(payload)
+        now = self._clock()
+        await self._chain.set(
+            key,
+            CachedResponse(
+                body=body,
+                created_at=now,
+                expires_at=now + (ttl or self._default_ttl),
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+            ),
+        )
+
+    async def _relay_stream(self, spec: RouteSpec, raw: bytes) -> Response:
+        """Pass an SSE stream through chunk by chunk, uncached."""
+        try:
+            upstream = await self._engine.open_stream(spec.path, raw)
+        except EngineError as exc:
+            raise APIError.from_engine(exc) from exc
+        if upstream.status_code != 200:
+            try:
+                content = await upstream.aread()
+            except httpx.HTTPError:
+                content = b""
+            finally:
+                await upstream.aclose()
+            raise APIError.from_engine(upstream_error(upstream.status_code, content))
+        self.outcomes[(spec.name, 200, "bypass")] += 1
+        return StreamingResponse(
+            self._relay(upstream),
+            media_type="text/event-stream",
+            headers={"x-strata-cache": "bypass", "cache-control": "no-cache"},
+        )
+
+    async def _relay(self, upstream: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._engine.iter_stream(upstream):
+                yield chunk
+        except EngineError as exc:
+            log.warning("engine stream broke off: %s", exc.message)
+            yield b"data: " + orjson.dumps(error_payload(APIError.from_engine(exc))) + b"\n\n"
+        finally:
+            # Closing the upstream response makes the engine abort the generation.
+            await upstream.aclose()

@@ -1,0 +1,28 @@
+"""The typed state the lifespan hands to every request handler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from prometheus_client import CollectorRegistry
+
+from caches import CacheChain, RedisCache
+from config import Settings
+from engine import EngineClient
+from gateway.flow import CompletionService
+
+
+@dataclass(frozen=True, slots=True)
+class AppState:
+    settings: Settings
+    engine: EngineClient
+    chain: CacheChain
+    service: CompletionService
+    registry: CollectorRegistry
+    redis: RedisCache | None
+
+
+def state_of(request: Request) -> AppState:
+    state: AppState = request.state.strata
+    return state

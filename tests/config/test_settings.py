@@ -1,0 +1,115 @@
+"""Settings: sources, precedence, validation, and the CLI's start-up errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from config import CONFIG_ENV, Settings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("STRATA_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    settings = Settings()
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.default_ttl == 3600
+    assert settings.redis_timeout == 0.05
+    assert int(settings.max_body_bytes) == 4 * 1024 * 1024
+    assert settings.storable_finish_reasons == {"stop", "length", "tool_calls"}
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STRATA_ENGINE_URL", "http://engine:8000/")
+    monkeypatch.setenv("STRATA_L1_MAX_BYTES", "64MiB")
+    monkeypatch.setenv("STRATA_ADMIN_KEY", "hunter2-admin")
+    settings = Settings()
+    assert settings.engine_url == "http://engine:8000"
+    assert int(settings.l1_max_bytes) == 64 * 1024 * 1024
+    assert settings.admin_key is not None
+    assert "hunter2-admin" not in repr(settings)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_config_file_below_env_and_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    path = tmp_path / f"strata{suffix}"
+    if suffix == ".yaml":
+        path.write_text("default_ttl: 60\nport: 9001\nredis_timeout: 0.2\n")
+    else:
+        path.write_text("default_ttl = 60\nport = 9001\nredis_timeout = 0.2\n")
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    monkeypatch.setenv("STRATA_PORT", "9002")
+    settings = load_settings(redis_timeout=0.3, host=None)
+    assert settings.default_ttl == 60  # from the file
+    assert settings.port == 9002  # env beats file
+    assert settings.redis_timeout == 0.3  # flags beat env and file
+    assert settings.host == "127.0.0.1"  # an unset flag falls through
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("engine_url", "engine:8000"),
+        ("redis_url", "http://redis"),
+        ("default_ttl", 0),
+        ("redis_timeout", 0),
+        ("port", 70000),
+        ("l1_max_entries", -1),
+        ("max_body_bytes", "lots"),
+        ("storable_finish_reasons", ["stop", "content_filter"]),
+        ("no_such_setting", 1),
+    ],
+)
+def test_invalid_values_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(**{field: value})
+    assert field in str(info.value)
+
+
+def test_default_ttl_cannot_exceed_max_ttl() -> None:
+    with pytest.raises(ValidationError, match="default_ttl"):
+        Settings(default_ttl=100, max_ttl=10)
+
+
+def test_missing_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "absent.yaml"))
+    with pytest.raises(FileNotFoundError):
+        Settings()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+        check=False,
+    )
+
+
+def test_cli_rejects_bad_configuration_before_starting() -> None:
+    result = run_cli("serve", "--engine-url", "ftp://x", env={"STRATA_REDIS_TIMEOUT": "-1"})
+    assert result.returncode == 2
+    assert "invalid configuration" in result.stderr
+    assert "engine_url" in result.stderr
+    assert "redis_timeout" in result.stderr
+
+
+def test_cli_help_lists_serve() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "serve" in result.stdout

@@ -1,0 +1,91 @@
+"""The real gateway app, in process, in front of the in-process fake engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from asgi_lifespan import LifespanManager
+from fakeredis import FakeServer
+from fakeredis.aioredis import FakeRedis
+from prometheus_client import CollectorRegistry
+
+from caches import CacheChain, CacheLayer, MemoryCache, RedisCache
+from config import Settings
+from engine import EngineClient
+from engine.fake import FakeEngine
+from gateway import create_app
+from tests.clock import FakeClock
+
+CHAT = "/v1/chat/completions"
+MODEL = "strata-fake"
+
+
+def chat_body(content: str = "What is the capital of France?", **params: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+    }
+    body.update(params)
+    return body
+
+
+@dataclass
+class Harness:
+    client: httpx.AsyncClient
+    engine: FakeEngine
+    clock: FakeClock
+    chain: CacheChain
+    registry: CollectorRegistry
+    settings: Settings
+
+    def engine_calls(self, path: str = CHAT) -> int:
+        return self.engine.calls[path]
+
+    async def chat(self, body: dict[str, Any] | None = None, **kw: Any) -> httpx.Response:
+        return await self.client.post(CHAT, json=body if body is not None else chat_body(), **kw)
+
+
+def default_layers(clock: FakeClock) -> Sequence[CacheLayer]:
+    fake = FakeRedis(server=FakeServer())
+    return [
+        MemoryCache(max_entries=100, max_bytes=1 << 20, clock=clock),
+        RedisCache(fake, prefix="test", timeout=0.5, clock=clock),
+    ]
+
+
+@asynccontextmanager
+async def gateway(
+    *,
+    layers: Callable[[FakeClock], Sequence[CacheLayer]] = default_layers,
+    engine: FakeEngine | None = None,
+    engine_transport: httpx.AsyncBaseTransport | None = None,
+    read_timeout: float = 5.0,
+    **settings: Any,
+) -> AsyncIterator[Harness]:
+    clock = FakeClock()
+    fake = engine or FakeEngine(model=MODEL)
+    chain = CacheChain(layers(clock), clock=clock)
+    config = Settings(redis_enabled=False, **settings)
+    client = EngineClient(
+        "http://engine.test",
+        read_timeout=read_timeout,
+        transport=engine_transport or httpx.ASGITransport(app=fake),
+    )
+    registry = CollectorRegistry()
+    app = create_app(config, engine=client, cache=chain, registry=registry, clock=clock)
+    try:
+        async with (
+            LifespanManager(app) as manager,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app), base_url="http://strata.test"
+            ) as http,
+        ):
+            yield Harness(http, fake, clock, chain, registry, config)
+    finally:
+        await client.aclose()
+        await chain.aclose()
