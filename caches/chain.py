@@ -4,7 +4,8 @@ Guarantees:
 - lookups go fastest layer first and stop at the first fresh hit, which is promoted into every
   faster layer (keeping its original creation and expiry times);
 - writes go through to every layer;
-- each operation on a layer with a `timeout` is bounded by it;
+- each lookup, write and delete on a layer with a `timeout` is bounded by it; `stats` is bounded
+  by `STATS_TIMEOUT` as a whole; `clear` walks the whole keyspace and is not bounded;
 - a failing layer is a miss (or a skipped write) for that request — never an exception to the
   caller — counted per layer and logged once when it starts failing and once when it recovers;
 - the per-layer hit / miss / error / store counters are plain integers read by stats and metrics
@@ -26,9 +27,14 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Stats may walk a remote keyspace: bounded as a whole rather than per operation.
+STATS_TIMEOUT = 5.0
+
 
 @dataclass(slots=True)
 class LayerCounters:
+    """`errors` are failed lookups; `store_errors` failed writes, deletes and clears."""
+
     hits: int = 0
     misses: int = 0
     errors: int = 0
@@ -141,7 +147,7 @@ class CacheChain:
             try:
                 removed += bool(await self._call(layer, layer.delete(key)))
             except Exception as exc:
-                self.counters[layer.name].errors += 1
+                self.counters[layer.name].store_errors += 1
                 self._failed(layer, exc)
         return removed
 
@@ -153,7 +159,7 @@ class CacheChain:
                 # Clearing walks the whole keyspace; it is not bounded by the per-op timeout.
                 cleared[layer.name] = await layer.clear()
             except Exception as exc:
-                self.counters[layer.name].errors += 1
+                self.counters[layer.name].store_errors += 1
                 self._failed(layer, exc)
                 cleared[layer.name] = None
         return cleared
@@ -163,7 +169,8 @@ class CacheChain:
         for layer in self.layers:
             available = True
             try:
-                stats = await layer.stats()
+                async with asyncio.timeout(STATS_TIMEOUT):
+                    stats = await layer.stats()
             except Exception as exc:
                 log.warning("cache layer %s: stats unavailable (%s)", layer.name, exc)
                 stats, available = CacheStats(layer=layer.name, entries=None, bytes=None), False

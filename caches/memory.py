@@ -61,9 +61,10 @@ class MemoryCache:
 
     def put(self, key: CacheKey, value: CachedResponse) -> None:
         size = value.size
+        # A newer answer replaces the old one even when it cannot be kept itself.
+        self._remove(key.digest)
         if not self.enabled or size > self._max_bytes or value.expired(self._clock()):
             return
-        self._remove(key.digest)
         self._data[key.digest] = (key, value)
         self._bytes += size
         while len(self._data) > self._max_entries or self._bytes > self._max_bytes:

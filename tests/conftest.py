@@ -28,7 +28,8 @@ def redis_server() -> Iterator[RedisServer]:
     try:
         server = start_redis_server()
     except RedisServerError as exc:
-        pytest.fail(f"cannot start the private redis-server: {exc}\n({INSTALL_HINT})", pytrace=False)
+        hint = "" if INSTALL_HINT in str(exc) else f"\n({INSTALL_HINT})"
+        pytest.fail(f"cannot start the private redis-server: {exc}{hint}", pytrace=False)
     try:
         yield server
     finally:

@@ -33,7 +33,9 @@ def find_redis_server() -> str:
         return REDIS_SERVER
     found = shutil.which("redis-server")
     if found is None:
-        raise RedisServerError(f"redis-server not found at {REDIS_SERVER} nor on PATH; {INSTALL_HINT}")
+        raise RedisServerError(
+            f"redis-server not found at {REDIS_SERVER} nor on PATH; {INSTALL_HINT}"
+        )
     return found
 
 

@@ -38,7 +38,9 @@ def memory_layer(clock: FakeClock) -> MemoryCache:
 
 
 @pytest.fixture
-async def fakeredis_layer(fake_redis: aioredis.Redis, clock: FakeClock) -> AsyncIterator[RedisCache]:
+async def fakeredis_layer(
+    fake_redis: aioredis.Redis, clock: FakeClock
+) -> AsyncIterator[RedisCache]:
     cache = RedisCache(fake_redis, prefix=PREFIX, timeout=TIMEOUT, clock=clock, owns_client=False)
     try:
         yield cache

@@ -26,7 +26,9 @@ def key(n: int = 1) -> CacheKey:
     return CacheKey(digest=f"{n:064x}", tenant="t1", model="m1", route=ROUTE)
 
 
-def value(clock: FakeClock, body: bytes = b'{"choices":[]}', *, ttl: float = 600.0) -> CachedResponse:
+def value(
+    clock: FakeClock, body: bytes = b'{"choices":[]}', *, ttl: float = 600.0
+) -> CachedResponse:
     return CachedResponse(
         body=body, created_at=clock.now, expires_at=clock.now + ttl, prompt_tokens=5
     )
@@ -35,7 +37,9 @@ def value(clock: FakeClock, body: bytes = b'{"choices":[]}', *, ttl: float = 600
 class FakeLayer:
     """A layer backed by a MemoryCache that can be told to raise or to hang on every operation."""
 
-    def __init__(self, clock: FakeClock, *, name: str = "fake", timeout: float | None = SHORT) -> None:
+    def __init__(
+        self, clock: FakeClock, *, name: str = "fake", timeout: float | None = SHORT
+    ) -> None:
         self.name = name
         self.timeout = timeout
         self.inner = MemoryCache(max_entries=100, max_bytes=1_000_000, clock=clock)
@@ -105,7 +109,9 @@ def test_fake_layer_is_a_cache_layer(fake: FakeLayer) -> None:
 
 def test_layer_names_must_be_unique(clock: FakeClock) -> None:
     with pytest.raises(ValueError, match="unique"):
-        CacheChain([MemoryCache(max_entries=1, max_bytes=1), MemoryCache(max_entries=1, max_bytes=1)])
+        CacheChain(
+            [MemoryCache(max_entries=1, max_bytes=1), MemoryCache(max_entries=1, max_bytes=1)]
+        )
 
 
 # --- lookups --------------------------------------------------------------------------------------
@@ -149,9 +155,7 @@ async def test_l2_hit_is_promoted_into_l1_with_its_original_times(
     assert (again.value, again.layer) == (stored, "l1")
 
 
-async def test_hit_is_promoted_into_every_faster_layer(
-    l2: RedisCache, clock: FakeClock
-) -> None:
+async def test_hit_is_promoted_into_every_faster_layer(l2: RedisCache, clock: FakeClock) -> None:
     first = MemoryCache(max_entries=10, max_bytes=10_000, clock=clock)
     second = FakeLayer(clock, name="l1b")
     chain = CacheChain([first, second, l2], clock=clock)
@@ -168,7 +172,6 @@ async def test_failed_promotion_still_returns_the_hit(
     chain = CacheChain([fake, l2], clock=clock)
     stored = value(clock)
     await l2.set(key(), stored)
-    await fake.inner.set(key(9), value(clock))
     fake.error = CacheError("read-only")
     lookup = await chain.get(key())
     assert (lookup.value, lookup.layer) == (stored, "l2")
@@ -188,9 +191,14 @@ async def test_failed_promotion_still_returns_the_hit(
     ],
 )
 async def test_max_age_filters_old_entries(
-    chain: CacheChain, l1: MemoryCache, l2: RedisCache, clock: FakeClock,
-    age: int, max_age: int | None, hit: bool,
-) -> None:  # fmt: skip
+    chain: CacheChain,
+    l1: MemoryCache,
+    l2: RedisCache,
+    clock: FakeClock,
+    age: int,
+    max_age: int | None,
+    hit: bool,
+) -> None:
     stored = value(clock)
     await chain.set(key(), stored)
     clock.advance(age)
@@ -252,6 +260,17 @@ async def test_failing_layer_is_skipped_for_the_next_one(
 
 
 async def test_hanging_layer_is_cut_by_its_timeout(
+    l1: MemoryCache, fake: FakeLayer, clock: FakeClock
+) -> None:
+    chain = CacheChain([l1, fake], clock=clock)
+    fake.hang = True
+    lookup = await asyncio.wait_for(chain.get(key()), NO_HANG)
+    assert (lookup.value, lookup.layer) == (None, None)
+    assert chain.counters["fake"].errors == 1
+    assert chain.failing("fake")
+
+
+async def test_hanging_faster_layer_neither_blocks_the_hit_nor_its_promotion(
     fake: FakeLayer, l2: RedisCache, clock: FakeClock
 ) -> None:
     chain = CacheChain([fake, l2], clock=clock)
@@ -260,9 +279,9 @@ async def test_hanging_layer_is_cut_by_its_timeout(
     fake.hang = True
     lookup = await asyncio.wait_for(chain.get(key()), NO_HANG)
     assert (lookup.value, lookup.layer) == (stored, "l2")
-    assert chain.counters["fake"].errors == 1
-    # The promotion into the hanging layer is cut too, and counted as a failed store.
+    # The promotion into the hanging layer is cut by the timeout too, and counted.
     assert chain.counters["fake"].store_errors == 1
+    assert chain.counters["fake"].stores == 0
 
 
 async def test_cancellation_is_not_swallowed(clock: FakeClock) -> None:
@@ -285,7 +304,6 @@ async def test_failure_and_recovery_are_logged_once_each(
     with caplog.at_level(logging.WARNING, logger="caches.chain"):
         for _ in range(3):
             await chain.get(key())
-        await chain.set(key(2), value(clock))
         assert chain.failing("fake")
         fake.error = None
         await chain.get(key())
@@ -298,8 +316,18 @@ async def test_failure_and_recovery_are_logged_once_each(
     assert "fake" in messages[1]
     assert "recovered" in messages[1]
     assert not chain.failing("fake")
-    assert chain.counters["fake"].errors == 3 + 1  # three lookups and one store
+    assert chain.counters["fake"].errors == 3
     assert chain.counters["fake"].misses == 2
+
+
+async def test_failed_store_is_a_store_error_not_a_lookup_error(
+    l1: MemoryCache, fake: FakeLayer, clock: FakeClock
+) -> None:
+    chain = CacheChain([l1, fake], clock=clock)
+    fake.error = CacheError("read-only")
+    await chain.set(key(), value(clock))
+    assert chain.counters["fake"].store_errors == 1
+    assert chain.counters["fake"].errors == 0
 
 
 # --- writes ---------------------------------------------------------------------------------------
@@ -346,7 +374,8 @@ async def test_delete_skips_a_failing_layer(
     await chain.set(key(), value(clock))
     fake.error = CacheError("down")
     assert await chain.delete(key()) == 1
-    assert chain.counters["fake"].errors == 1
+    assert chain.counters["fake"].store_errors == 1  # a delete is a write
+    assert chain.counters["fake"].errors == 0
 
 
 async def test_clear_reports_per_layer_with_none_for_a_failing_one(
@@ -376,17 +405,31 @@ async def test_stats_report_contents_and_counters_per_layer(
 
     assert list(reports) == ["l1", "l2", "fake"]
     assert reports["l1"] == LayerReport(
-        layer="l1", entries=1, bytes=10, hits=1, misses=2, errors=0, stores=1, store_errors=0,
+        layer="l1",
+        entries=1,
+        bytes=10,
+        hits=1,
+        misses=2,
+        errors=0,
+        stores=1,
+        store_errors=0,
         available=True,
-    )  # fmt: skip
+    )
     assert reports["l2"].entries == 1
     assert reports["l2"].bytes is not None
     assert reports["l2"].bytes >= 10
     assert (reports["l2"].hits, reports["l2"].misses, reports["l2"].available) == (0, 2, True)
     assert reports["fake"] == LayerReport(
-        layer="fake", entries=None, bytes=None, hits=0, misses=1, errors=1, stores=1,
-        store_errors=0, available=False,
-    )  # fmt: skip
+        layer="fake",
+        entries=None,
+        bytes=None,
+        hits=0,
+        misses=1,
+        errors=1,
+        stores=1,
+        store_errors=0,
+        available=False,
+    )
 
 
 async def test_aclose_closes_every_layer_even_if_one_fails(

@@ -53,7 +53,12 @@ def test_round_trip_of_integer_times_gives_floats() -> None:
 def test_record_is_a_self_describing_map() -> None:
     rec = record()
     assert rec["v"] == FORMAT_VERSION
-    assert (rec["d"], rec["t"], rec["m"], rec["r"]) == (KEY.digest, KEY.tenant, KEY.model, KEY.route)
+    assert (rec["d"], rec["t"], rec["m"], rec["r"]) == (
+        KEY.digest,
+        KEY.tenant,
+        KEY.model,
+        KEY.route,
+    )
     assert rec["b"] == VALUE.body
 
 

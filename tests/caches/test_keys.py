@@ -1,4 +1,4 @@
-"""Exact keys: every field that can change the engine's output changes the key; nothing else does."""
+"""Exact keys: whatever can change the engine's output changes the key; nothing else does."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from caches.base import CacheKey
-from caches.keys import IGNORED_FIELDS, canonical_body, build_key
+from caches.keys import IGNORED_FIELDS, build_key, canonical_body
 
 ROUTE = "/v1/chat/completions"
 MESSAGES = [
@@ -18,7 +18,7 @@ MESSAGES = [
     {"role": "user", "content": "What is 2+2?"},
 ]
 BASE: dict[str, Any] = {"model": "m1", "messages": MESSAGES, "temperature": 0}
-TOOL = {
+TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "add",
@@ -111,9 +111,7 @@ CHANGES_KEY = [
 SAME_KEY = [
     pytest.param(variant(), variant(stream=True), id="stream"),
     pytest.param(variant(stream=False), variant(stream=True), id="stream-false-vs-true"),
-    pytest.param(
-        variant(), variant(stream_options={"include_usage": True}), id="stream_options"
-    ),
+    pytest.param(variant(), variant(stream_options={"include_usage": True}), id="stream_options"),
     pytest.param(variant(), variant(user="alice"), id="user"),
     pytest.param(variant(user="alice"), variant(user="bob"), id="user-value"),
     pytest.param(variant(), variant(request_id="r-1"), id="request_id"),
@@ -130,8 +128,12 @@ SAME_KEY = [
         id="message-key-order",
     ),
     pytest.param(
-        variant(response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": True}}),
-        variant(response_format={"json_schema": {"strict": True, "name": "x"}, "type": "json_schema"}),
+        variant(
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": True}}
+        ),
+        variant(
+            response_format={"json_schema": {"strict": True, "name": "x"}, "type": "json_schema"}
+        ),
         id="nested-key-order",
     ),
     pytest.param(variant(), variant(seed=None), id="null-seed"),
@@ -139,7 +141,9 @@ SAME_KEY = [
     pytest.param(variant(temperature=0), variant(temperature=0.0), id="temperature-0-vs-0.0"),
     pytest.param(variant(top_p=1), variant(top_p=1.0), id="top_p-1-vs-1.0"),
     pytest.param(
-        variant(repetition_penalty=1), variant(repetition_penalty=1.0), id="repetition_penalty-1-vs-1.0"
+        variant(repetition_penalty=1),
+        variant(repetition_penalty=1.0),
+        id="repetition_penalty-1-vs-1.0",
     ),
 ]
 
@@ -219,7 +223,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 field_names = st.sampled_from(

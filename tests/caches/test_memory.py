@@ -1,6 +1,8 @@
-"""L1: an LRU bounded by entry count and by body bytes, with per-entry expiry on an injected clock."""
+"""L1: an LRU bounded by entry count and body bytes, with per-entry expiry on an injected clock."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -15,7 +17,9 @@ def key(n: int) -> CacheKey:
     return CacheKey(digest=f"{n:064x}", tenant="t1", model="m1", route="/v1/chat/completions")
 
 
-def value(clock: FakeClock, size: int = 10, *, ttl: float = 60.0, fill: bytes = b"x") -> CachedResponse:
+def value(
+    clock: FakeClock, size: int = 10, *, ttl: float = 60.0, fill: bytes = b"x"
+) -> CachedResponse:
     return CachedResponse(body=fill * size, created_at=clock.now, expires_at=clock.now + ttl)
 
 
@@ -233,7 +237,7 @@ ops = st.lists(
 
 @given(st.integers(0, 5), st.integers(0, 120), ops)
 async def test_bounds_hold_after_any_sequence(
-    max_entries: int, max_bytes: int, script: list
+    max_entries: int, max_bytes: int, script: list[tuple[Any, ...]]
 ) -> None:
     clock = FakeClock()
     cache = make(clock, max_entries=max_entries, max_bytes=max_bytes)
@@ -258,4 +262,12 @@ async def test_bounds_hold_after_any_sequence(
     for n in range(8):
         assert cache.peek(key(n)) is None
     assert len(cache) == 0
+    assert cache.bytes == 0
+
+
+async def test_overwrite_with_an_unstorable_value_drops_the_older_one(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=100)
+    await cache.set(key(1), value(clock, size=10))
+    await cache.set(key(1), value(clock, size=500))  # newer answer, too large to keep
+    assert await cache.get(key(1)) is None
     assert cache.bytes == 0

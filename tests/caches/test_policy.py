@@ -41,7 +41,9 @@ CACHED = Decision(lookup=True, store=True)
         pytest.param(body(seed=0), NO_CONTROL, True, CACHED, id="seed-0-no-temperature"),
         pytest.param(body(temperature=0, n=1), NO_CONTROL, True, CACHED, id="n-1"),
         pytest.param(body(temperature=0, n=None), NO_CONTROL, True, CACHED, id="n-null"),
-        pytest.param(body(temperature=0, stream=False), NO_CONTROL, True, CACHED, id="stream-false"),
+        pytest.param(
+            body(temperature=0, stream=False), NO_CONTROL, True, CACHED, id="stream-false"
+        ),
         pytest.param(
             body(temperature=0.7),
             NO_CONTROL,
@@ -105,7 +107,11 @@ CACHED = Decision(lookup=True, store=True)
             body(temperature=0), CacheControl(max_age=10), True, CACHED, id="max-age-still-looks-up"
         ),
         pytest.param(
-            body(temperature=0), NO_CONTROL, False, Decision(False, False, "disabled"), id="disabled"
+            body(temperature=0),
+            NO_CONTROL,
+            False,
+            Decision(False, False, "disabled"),
+            id="disabled",
         ),
     ],
 )
@@ -191,7 +197,9 @@ def test_parse_cache_control(
         pytest.param("no-cache", "0", "X-Strata-TTL", id="ttl-zero-with-cache-control"),
     ],
 )
-def test_parse_cache_control_rejects(cache_control: str | None, ttl: str | None, header: str) -> None:
+def test_parse_cache_control_rejects(
+    cache_control: str | None, ttl: str | None, header: str
+) -> None:
     with pytest.raises(ControlError) as info:
         parse_cache_control(cache_control, ttl, max_ttl=MAX_TTL)
     assert info.value.header == header
@@ -225,7 +233,9 @@ def answer(*finish_reasons: str | None) -> dict[str, Any]:
         pytest.param(200, {"object": "chat.completion"}, False, id="missing-choices"),
         pytest.param(200, {"choices": []}, False, id="empty-choices"),
         pytest.param(200, {"choices": None}, False, id="null-choices"),
-        pytest.param(200, {"choices": {"0": {"finish_reason": "stop"}}}, False, id="choices-not-list"),
+        pytest.param(
+            200, {"choices": {"0": {"finish_reason": "stop"}}}, False, id="choices-not-list"
+        ),
         pytest.param(200, {"choices": ["stop"]}, False, id="choice-not-object"),
         pytest.param(200, answer(None), False, id="finish_reason-null"),
         pytest.param(200, answer("content_filter"), False, id="content_filter"),
