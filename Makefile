@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
+	./scripts/ensure-apt.sh docker-compose:docker-compose
 	./scripts/ensure-redis.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -52,7 +53,7 @@ serve-fake: $(STAMP)
 
 bench-hit: $(STAMP)
 	./scripts/ensure-redis.sh
-	command -v wrk >/dev/null || apt-get install -y -qq wrk
+	./scripts/ensure-apt.sh wrk:wrk
 	$(BIN)/python -m bench.hit_path --out docs/benchmarks.md
 
 clean:

@@ -20,8 +20,10 @@ from caches.redis_cache import connect
 from config import Settings
 from engine import EngineClient
 from gateway import admin, errors, routes
+from gateway.fastpath import CompletionRoutes
 from gateway.flow import CompletionService
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import document_completion_routes
 from gateway.state import AppState
 
 
@@ -104,6 +106,7 @@ def create_app(
                     service=service,
                     registry=metrics_registry,
                     redis=redis,
+                    body_limit=int(settings.max_body_bytes),
                 )
             }
 
@@ -116,4 +119,6 @@ def create_app(
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(admin.router)
+    app.add_middleware(CompletionRoutes)
+    document_completion_routes(app)
     return app

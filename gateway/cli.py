@@ -7,6 +7,7 @@ configuration exits with status 2 and one line per bad setting naming it, before
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -42,8 +43,14 @@ def _serve(args: argparse.Namespace) -> int:
     )
     # httpx logs every upstream request at INFO; that is per-request noise, not operations.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
+    app = create_app(settings)
+    # Start-up leaves ~80k long-lived objects (modules, schemas). Freezing them keeps every later
+    # full collection from rescanning them: measured, that turned 45 ms pauses on the L2 hit path
+    # into none worth seeing.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",

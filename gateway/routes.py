@@ -1,9 +1,10 @@
-"""HTTP routes: parse, delegate, render. No cache or engine logic lives here.
+"""The framework-served routes: parse, delegate, render. No cache or engine logic lives here.
 
-Guarantees: request bodies over `max_body_bytes` are refused with 413 before they are fully read;
-`/healthz` answers while the process runs; `/readyz` answers 200 while the engine answers (and says
-whether Redis does — a Redis outage degrades caching but does not stop service) and 503 when the
-engine does not; `/v1/models` is the engine's list; `/metrics` is Prometheus text.
+The completion routes are not here: `gateway.fastpath` serves them without the framework.
+
+Guarantees: `/healthz` answers while the process runs; `/readyz` answers 200 while the engine
+answers (and says whether Redis does — a Redis outage degrades caching but does not stop service)
+and 503 when the engine does not; `/v1/models` is the engine's list; `/metrics` is Prometheus text.
 """
 
 from __future__ import annotations
@@ -17,47 +18,11 @@ from starlette.responses import Response
 
 from engine import EngineError, upstream_error
 from gateway.errors import APIError
-from gateway.flow import RouteName
 from gateway.state import state_of
 
 router = APIRouter()
 
 JSON = "application/json"
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"Request body is larger than {limit} bytes.", code="body_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(
-                413, f"Request body is larger than {limit} bytes.", code="body_too_large"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _complete(request: Request, route: RouteName) -> Response:
-    state = state_of(request)
-    raw = await read_body(request, int(state.settings.max_body_bytes))
-    return await state.service.complete(route, raw, request.headers)
-
-
-_DOC = "OpenAI-compatible; the body is forwarded to the engine as sent. Cached when deterministic."
-
-
-@router.post("/v1/chat/completions", summary="Chat completion", description=_DOC)
-async def chat_completions(request: Request) -> Response:
-    return await _complete(request, "chat")
-
-
-@router.post("/v1/completions", summary="Text completion", description=_DOC)
-async def completions(request: Request) -> Response:
-    return await _complete(request, "completions")
 
 
 @router.get("/v1/models", summary="Models served by the engine")

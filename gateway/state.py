@@ -21,6 +21,7 @@ class AppState:
     service: CompletionService
     registry: CollectorRegistry
     redis: RedisCache | None
+    body_limit: int
 
 
 def state_of(request: Request) -> AppState:

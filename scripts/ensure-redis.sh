@@ -10,16 +10,7 @@ hostport="${url#*://}"; hostport="${hostport#*@}"; hostport="${hostport%%/*}"
 host="${hostport%%:*}"; port="${hostport##*:}"
 [ "$port" = "$hostport" ] && port=6379
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "ensure-redis: installing redis-server"
-    (apt-get install -y -qq redis-server >/dev/null 2>&1) \
-      || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
-  else
-    echo "ensure-redis: redis-server is not installed; install it (e.g. apt-get install redis-server)" >&2
-    exit 1
-  fi
-fi
+"$(dirname "$0")/ensure-apt.sh" redis-server:redis-server redis-cli:redis-tools
 
 if redis-cli -h "$host" -p "$port" ping >/dev/null 2>&1; then
   exit 0
