@@ -32,10 +32,11 @@ SCAN_BATCH = 1000
 
 def connect(url: str, *, timeout: float, max_connections: int) -> aioredis.Redis:
     """A pooled client whose every wait is bounded by `timeout` seconds."""
-    pool = aioredis.BlockingConnectionPool.from_url(
+    # A plain pool: the blocking one's condition and timer cost ~10% of an L2 hit. Past
+    # `max_connections` concurrent commands a lookup fails at once and counts as a miss.
+    pool = aioredis.ConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         # One immediate retry replaces a pooled connection that died with a restarted server.
@@ -76,7 +77,8 @@ class RedisCache:
     async def get(self, key: CacheKey) -> CachedResponse | None:
         rkey = self._rkey(key)
         try:
-            data = await self._redis.get(rkey)
+            # execute_command: `get` adds an argument-deprecation wrapper to every hit.
+            data = await self._redis.execute_command("GET", rkey)
         except ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise

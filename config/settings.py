@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     redis_enabled: bool = True
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout: float = Field(default=0.05, gt=0, description="per-operation, seconds")
-    redis_max_connections: int = Field(default=64, ge=1)
+    redis_max_connections: int = Field(default=256, ge=1)
     redis_key_prefix: str = Field(default="strata", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
 
     # --- admin ---
