@@ -78,7 +78,7 @@ class RedisCache:
         rkey = self._rkey(key)
         try:
             # execute_command: `get` adds an argument-deprecation wrapper to every hit.
-            data = await self._redis.execute_command("GET", rkey)
+            data = await self._redis.execute_command("GET", rkey)  # type: ignore[no-untyped-call]
         except ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise

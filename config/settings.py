@@ -41,13 +41,36 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_body_bytes: ByteSize = Field(default=ByteSize(4 * 1024 * 1024), gt=0)
 
-    # --- engine ---
-    engine_url: str = "http://127.0.0.1:8000"
+    # --- engine: an engine that is already running (set), or one Strata launches (unset) ---
+    engine_url: str | None = None
     engine_api_key: SecretStr | None = None
     engine_connect_timeout: float = Field(default=5.0, gt=0)
     engine_read_timeout: float = Field(default=600.0, gt=0)
     engine_max_connections: int = Field(default=512, ge=1)
     engine_health_timeout: float = Field(default=2.0, gt=0)
+    # vLLM's `cache_salt` per tenant, so tenants cannot share (or time) the prefix cache.
+    engine_cache_salt: bool = True
+    cache_salt_secret: SecretStr | None = None  # unset: a random secret per process
+
+    # --- launched engine (when engine_url is unset) ---
+    engine_model: str | None = None  # unset: the default model, prepared in data_dir
+    engine_served_model_name: str | None = None
+    engine_device: Literal["auto", "cpu", "gpu"] = "auto"
+    engine_host: str = "127.0.0.1"
+    engine_port: int = Field(default=8000, ge=1, le=65535)
+    engine_python: str | None = None  # interpreter that has vLLM; unset: this one
+    engine_max_model_len: int | None = Field(default=None, ge=16)
+    engine_dtype: str | None = None
+    engine_block_size: int | None = Field(default=None, ge=1)
+    engine_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    engine_cpu_kv_cache_gib: int = Field(default=2, ge=1)
+    engine_extra_args: list[str] = Field(default_factory=list)
+    engine_start_timeout: float = Field(default=900.0, gt=0)
+    engine_restart_max_backoff: float = Field(default=30.0, gt=0)
+    data_dir: Path = Field(default_factory=lambda: _default_data_dir())  # noqa: PLW0108 - defined below
+
+    # --- tenants: API key per tenant; none configured = one anonymous tenant (local use) ---
+    api_keys: dict[str, SecretStr] = Field(default_factory=dict)
 
     # --- exact cache policy ---
     cache_enabled: bool = True
@@ -73,10 +96,35 @@ class Settings(BaseSettings):
 
     @field_validator("engine_url")
     @classmethod
-    def _engine_url(cls, value: str) -> str:
+    def _engine_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        secrets = [key.get_secret_value() for key in value.values()]
+        if any(len(key) < 8 for key in secrets):
+            raise ValueError("every API key needs at least 8 characters")
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("two tenants share an API key")
+        if any(not tenant for tenant in value):
+            raise ValueError("tenant names must not be empty")
+        return value
+
+    @property
+    def launches_engine(self) -> bool:
+        return self.engine_url is None
+
+    @property
+    def upstream_url(self) -> str:
+        """The engine the gateway talks to: the configured one, or the one it launches."""
+        if self.engine_url is not None:
+            return self.engine_url
+        return f"http://{self.engine_host}:{self.engine_port}"
 
     @field_validator("redis_url")
     @classmethod
@@ -115,6 +163,11 @@ class Settings(BaseSettings):
         if path:
             sources.append(_file_source(settings_cls, Path(path)))
         return tuple(sources)
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "strata"
 
 
 def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:

@@ -22,7 +22,7 @@ from engine import EngineClient
 from gateway import admin, errors, routes
 from gateway.fastpath import CompletionRoutes
 from gateway.flow import CompletionService
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import EngineMetrics, GatewayMetrics
 from gateway.openapi import document_completion_routes
 from gateway.state import AppState
 
@@ -57,7 +57,7 @@ def build_chain(settings: Settings, *, clock: Callable[[], float] = time.time) -
 
 def build_engine(settings: Settings) -> EngineClient:
     return EngineClient(
-        settings.engine_url,
+        settings.upstream_url,
         connect_timeout=settings.engine_connect_timeout,
         read_timeout=settings.engine_read_timeout,
         health_timeout=settings.engine_health_timeout,
@@ -94,7 +94,8 @@ def create_app(
             service = CompletionService(
                 settings, engine_client, chain, clock=clock, observe_engine=metrics.observe_engine
             )
-            collector = metrics.bind(service, chain)
+            engine_metrics = EngineMetrics(engine_client)
+            collector = metrics.bind(service, chain, engine_metrics)
             stack.callback(metrics_registry.unregister, collector)
             stack.callback(metrics_registry.unregister, metrics.engine_seconds)
             redis = next((lay for lay in chain.layers if isinstance(lay, RedisCache)), None)
@@ -107,6 +108,7 @@ def create_app(
                     registry=metrics_registry,
                     redis=redis,
                     body_limit=int(settings.max_body_bytes),
+                    engine_metrics=engine_metrics,
                 )
             }
 

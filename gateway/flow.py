@@ -15,7 +15,8 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from secrets import token_bytes
+from typing import Any, Literal
 
 import httpx
 import orjson
@@ -34,8 +35,10 @@ from caches import (
 )
 from config import Settings
 from engine import EngineClient, EngineError, upstream_error
+from engine.isolation import cache_salt, salted_body
 from gateway.errors import APIError, error_payload
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_json_object, validate
+from gateway.tenants import TenantResolver
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,34 @@ ROUTES: dict[RouteName, RouteSpec] = {
 }
 
 JSON = "application/json"
+
+# `bypass`: the client or the operator opted out of the cache. Requests the policy cannot cache
+# (sampled, n > 1) are misses: the cache was consulted in spirit and had nothing to give.
+BYPASS_REASONS = frozenset({"no-store", "disabled"})
+
+
+@dataclass(slots=True)
+class EngineTokens:
+    """Prompt tokens the engine processed for answers it computed, and how many of those its
+    prefix cache served (`usage.prompt_tokens_details.cached_tokens`)."""
+
+    answers: int = 0
+    prompt: int = 0
+    cached: int = 0
+
+    def count(self, payload: Any) -> None:
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        if not isinstance(usage, dict):
+            return
+        prompt = usage.get("prompt_tokens")
+        if type(prompt) is not int:
+            return
+        self.answers += 1
+        self.prompt += prompt
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if type(cached) is int:
+            self.cached += cached
 
 
 def _timing(parts: tuple[tuple[str, float], ...]) -> str:
@@ -83,13 +114,25 @@ class CompletionService:
         self._max_entry = int(settings.max_entry_bytes)
         self._finish = settings.storable_finish_reasons
         self._enabled = settings.cache_enabled
+        self._tenants = TenantResolver(settings.api_keys)
+        secret = settings.cache_salt_secret
+        self._salt_secret = secret.get_secret_value().encode() if secret else token_bytes(32)
+        self._salting = settings.engine_cache_salt
+        self._salts: dict[str, str] = {}
+        self.engine_tokens = EngineTokens()
         # Plain counters, read by the metrics collector at scrape time: (route, status, outcome).
         self.outcomes: Counter[tuple[str, int, str]] = Counter()
         self._observe_engine = observe_engine
 
-    def tenant_of(self, headers: Mapping[str, str]) -> str:
-        """One anonymous tenant until API keys map requests to tenants."""
-        return "anonymous"
+    def salt_of(self, tenant: str) -> str:
+        salt = self._salts.get(tenant)
+        if salt is None:
+            # Tenants come from configured keys, so this map stays as small as that list.
+            salt = self._salts[tenant] = cache_salt(self._salt_secret, tenant)
+        return salt
+
+    def _upstream_body(self, body: dict[str, Any], raw: bytes, tenant: str) -> bytes:
+        return salted_body(body, self.salt_of(tenant)) if self._salting else raw
 
     async def complete(self, route: RouteName, raw: bytes, headers: Mapping[str, str]) -> Response:
         spec = ROUTES[route]
@@ -101,6 +144,7 @@ class CompletionService:
         return response
 
     async def _complete(self, spec: RouteSpec, raw: bytes, headers: Mapping[str, str]) -> Response:
+        tenant = self._tenants.resolve(headers)
         body = parse_json_object(raw)
         validate(spec.schema, body)
         try:
@@ -112,12 +156,12 @@ class CompletionService:
         decision = decide(body, control, enabled=self._enabled)
 
         if body.get("stream") is True:
-            return await self._relay_stream(spec, raw)
+            return await self._relay_stream(spec, self._upstream_body(body, raw, tenant))
 
         key: CacheKey | None = None
         timings: tuple[tuple[str, float], ...] = ()
         if decision.lookup or decision.store:
-            key = build_key(spec.name, body, tenant=self.tenant_of(headers), epoch=self._epoch)
+            key = build_key(spec.name, body, tenant=tenant, epoch=self._epoch)
         if decision.lookup and key is not None:
             lookup = await self._chain.get(key, max_age=control.max_age)
             timings = lookup.timings
@@ -137,7 +181,7 @@ class CompletionService:
 
         started = time.perf_counter()
         try:
-            answer = await self._engine.post(spec.path, raw)
+            answer = await self._engine.post(spec.path, self._upstream_body(body, raw, tenant))
         except EngineError as exc:
             raise APIError.from_engine(exc) from exc
         engine_time = time.perf_counter() - started
@@ -147,24 +191,22 @@ class CompletionService:
         if answer.status != 200:
             raise APIError.from_engine(upstream_error(answer.status, answer.body))
 
-        outcome = "miss" if decision.store else "bypass"
-        if decision.store and key is not None:
-            await self._store(key, answer.body, control.ttl)
-        self.outcomes[(spec.name, 200, outcome)] += 1
-        return Response(
-            answer.body,
-            media_type=answer.content_type or JSON,
-            headers={"x-strata-cache": outcome, "server-timing": _timing(timings)},
-        )
-
-    async def _store(self, key: CacheKey, body: bytes, ttl: int | None) -> None:
-        if len(body) > self._max_entry:
-            return
+        outcome = "bypass" if decision.reason in BYPASS_REASONS else "miss"
         try:
-            payload = orjson.loads(body)
+            payload = orjson.loads(answer.body)
         except orjson.JSONDecodeError:
-            return
-        if not storable(200, payload, self._finish):
+            payload = None
+        self.engine_tokens.count(payload)
+        if decision.store and key is not None:
+            await self._store(key, answer.body, payload, control.ttl)
+        self.outcomes[(spec.name, 200, outcome)] += 1
+        headers = {"x-strata-cache": outcome, "server-timing": _timing(timings)}
+        if decision.reason:
+            headers["x-strata-cache-reason"] = decision.reason
+        return Response(answer.body, media_type=answer.content_type or JSON, headers=headers)
+
+    async def _store(self, key: CacheKey, body: bytes, payload: Any, ttl: int | None) -> None:
+        if len(body) > self._max_entry or not storable(200, payload, self._finish):
             return
         prompt, completion = usage_tokens(payload)
         now = self._clock()
@@ -197,7 +239,11 @@ class CompletionService:
         return StreamingResponse(
             self._relay(upstream),
             media_type="text/event-stream",
-            headers={"x-strata-cache": "bypass", "cache-control": "no-cache"},
+            headers={
+                "x-strata-cache": "bypass",
+                "x-strata-cache-reason": "stream",
+                "cache-control": "no-cache",
+            },
         )
 
     async def _relay(self, upstream: httpx.Response) -> AsyncIterator[bytes]:

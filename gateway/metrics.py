@@ -12,20 +12,97 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from caches import CacheChain, MemoryCache
+from engine import EngineClient, EngineError
 from gateway.flow import CompletionService
 
 ENGINE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+# vLLM's names for its prefix-cache counters (newer first) and its KV-cache usage gauge.
+_VLLM_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
+_VLLM_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
+_VLLM_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+def _sum(samples: dict[str, float], names: tuple[str, ...]) -> float | None:
+    for name in names:
+        if name in samples:
+            return samples[name]
+    return None
+
+
+class EngineMetrics:
+    """The engine's own prefix-cache and KV numbers, fetched when Prometheus scrapes the gateway,
+    so that one scrape shows cache hit rates next to the engine's prefix-cache hit rate."""
+
+    def __init__(self, engine: EngineClient, *, timeout: float = 1.0) -> None:
+        self._engine = engine
+        self._timeout = timeout
+        self.up = False
+        self.values: dict[str, float] = {}
+
+    async def refresh(self) -> None:
+        try:
+            answer = await self._engine.get("/metrics", deadline=self._timeout)
+        except EngineError:
+            self.up = False
+            return
+        if answer.status != 200:
+            self.up = False
+            return
+        totals: dict[str, float] = {}
+        try:
+            for family in text_string_to_metric_families(answer.body.decode("utf-8", "replace")):
+                for sample in family.samples:
+                    totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
+        except ValueError:
+            self.up = False
+            return
+        self.up = True
+        self.values = totals
+
+    def families(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "strata_engine_metrics_up",
+            "1 if the engine's /metrics answered at the last scrape.",
+            value=1.0 if self.up else 0.0,
+        )
+        if not self.up:
+            return
+        queries, hits = _sum(self.values, _VLLM_QUERIES), _sum(self.values, _VLLM_HITS)
+        if queries is not None and hits is not None:
+            yield CounterMetricFamily(
+                "strata_engine_prefix_cache_queries",
+                "Tokens the engine looked up in its prefix cache (vLLM's counter).",
+                value=queries,
+            )
+            yield CounterMetricFamily(
+                "strata_engine_prefix_cache_hits",
+                "Of those, tokens found in the prefix cache (vLLM's counter).",
+                value=hits,
+            )
+        usage = _sum(self.values, _VLLM_KV_USAGE)
+        if usage is not None:
+            yield GaugeMetricFamily(
+                "strata_engine_kv_cache_usage_ratio",
+                "Share of the engine's KV-cache blocks in use (0..1).",
+                value=usage,
+            )
+
+
 class GatewayCollector(Collector):
     """Reads the flow's and the chain's counters when Prometheus scrapes."""
 
-    def __init__(self, service: CompletionService, chain: CacheChain) -> None:
+    def __init__(
+        self, service: CompletionService, chain: CacheChain, engine: EngineMetrics
+    ) -> None:
         self._service = service
         self._chain = chain
+        self._engine = engine
 
     def collect(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
@@ -85,6 +162,20 @@ class GatewayCollector(Collector):
         yield entries
         yield size
 
+        tokens = self._service.engine_tokens
+        yield CounterMetricFamily(
+            "strata_engine_prompt_tokens",
+            "Prompt tokens of the answers the engine computed (from their usage).",
+            value=tokens.prompt,
+        )
+        yield CounterMetricFamily(
+            "strata_engine_cached_prompt_tokens",
+            "Of those, prompt tokens the engine's prefix cache served "
+            "(usage.prompt_tokens_details.cached_tokens).",
+            value=tokens.cached,
+        )
+        yield from self._engine.families()
+
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -100,7 +191,9 @@ class GatewayMetrics:
     def observe_engine(self, route: str, seconds: float) -> None:
         self.engine_seconds.labels(route).observe(seconds)
 
-    def bind(self, service: CompletionService, chain: CacheChain) -> GatewayCollector:
-        collector = GatewayCollector(service, chain)
+    def bind(
+        self, service: CompletionService, chain: CacheChain, engine: EngineMetrics
+    ) -> GatewayCollector:
+        collector = GatewayCollector(service, chain, engine)
         self.registry.register(collector)
         return collector

@@ -67,4 +67,6 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(state_of(request).registry), media_type=CONTENT_TYPE_LATEST)
+    state = state_of(request)
+    await state.engine_metrics.refresh()
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -11,6 +11,7 @@ from caches import CacheChain, RedisCache
 from config import Settings
 from engine import EngineClient
 from gateway.flow import CompletionService
+from gateway.metrics import EngineMetrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,7 @@ class AppState:
     registry: CollectorRegistry
     redis: RedisCache | None
     body_limit: int
+    engine_metrics: EngineMetrics
 
 
 def state_of(request: Request) -> AppState:

@@ -64,7 +64,8 @@ async def test_sampled_request_is_never_cached() -> None:
     async with gateway() as gw:
         first = await gw.chat(body)
         second = await gw.chat(body)
-    assert first.headers["x-strata-cache"] == second.headers["x-strata-cache"] == "bypass"
+    assert first.headers["x-strata-cache"] == second.headers["x-strata-cache"] == "miss"
+    assert first.headers["x-strata-cache-reason"] == "nondeterministic"
     assert gw.engine_calls() == 2
     assert first.json()["choices"][0]["message"] != second.json()["choices"][0]["message"]
 
@@ -101,6 +102,16 @@ async def test_completions_route_is_cached_separately_from_chat() -> None:
 async def test_unknown_fields_reach_the_engine_untouched() -> None:
     body = chat_body(top_k=5, repetition_penalty=1.1, guided_json={"type": "object"})
     async with gateway() as gw:
+        response = await gw.chat(body)
+    assert response.status_code == 200
+    sent = dict(gw.engine.last_bodies[-1])
+    assert sent.pop("cache_salt")  # the gateway's only addition
+    assert sent == body
+
+
+async def test_without_salting_the_body_is_forwarded_as_sent() -> None:
+    body = chat_body(cache_salt="client-chosen")
+    async with gateway(engine_cache_salt=False) as gw:
         response = await gw.chat(body)
     assert response.status_code == 200
     assert gw.engine.last_bodies[-1] == body
@@ -278,17 +289,18 @@ async def test_requests_metric_counts_outcomes() -> None:
         await gw.chat()
         await gw.chat()
         await gw.chat(chat_body(temperature=0.5))
+        await gw.chat(headers={"cache-control": "no-store"})
         text = (await gw.client.get("/metrics")).text
         sample = gw.registry.get_sample_value
         labels = {"route": "chat", "status": "200", "outcome": "hit"}
         assert sample("strata_requests_total", labels) == 1
         labels["outcome"] = "miss"
-        assert sample("strata_requests_total", labels) == 1
+        assert sample("strata_requests_total", labels) == 2
         labels["outcome"] = "bypass"
         assert sample("strata_requests_total", labels) == 1
         assert sample("strata_cache_lookups_total", {"layer": "l1", "result": "hit"}) == 1
         assert sample("strata_cache_lookups_total", {"layer": "l2", "result": "miss"}) == 1
-        assert sample("strata_engine_request_duration_seconds_count", {"route": "chat"}) == 2
+        assert sample("strata_engine_request_duration_seconds_count", {"route": "chat"}) == 3
     assert "# TYPE strata_requests_total counter" in text
     assert 'strata_cache_layer_up{layer="l2"} 1.0' in text
 
