@@ -8,6 +8,7 @@ to whoever created it); handlers reach the wiring through the typed lifespan sta
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,12 +20,15 @@ from caches import CacheChain, CacheLayer, MemoryCache, RedisCache
 from caches.redis_cache import connect
 from config import Settings
 from engine import EngineClient
+from engine.launcher import EngineLaunchError, EngineSupervisor
 from gateway import admin, errors, routes
 from gateway.fastpath import CompletionRoutes
 from gateway.flow import CompletionService
 from gateway.metrics import EngineMetrics, GatewayMetrics
 from gateway.openapi import document_completion_routes
 from gateway.state import AppState
+
+log = logging.getLogger(__name__)
 
 
 def build_chain(settings: Settings, *, clock: Callable[[], float] = time.time) -> CacheChain:
@@ -73,10 +77,20 @@ def create_app(
     cache: CacheChain | None = None,
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.time,
+    launcher: EngineSupervisor | None = None,
 ) -> FastAPI:
+    """The gateway app. With `launcher`, the lifespan starts vLLM first and stops it last."""
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         async with AsyncExitStack() as stack:
+            if launcher is not None:
+                stack.push_async_callback(launcher.stop)
+                try:
+                    await launcher.start()
+                except EngineLaunchError as exc:
+                    log.error("%s", exc)
+                    raise
             engine_client = engine
             if engine_client is None:
                 engine_client = build_engine(settings)

@@ -2,19 +2,42 @@
 
 Guarantees: this is the only place that reads the environment (through `Settings`); invalid
 configuration exits with status 2 and one line per bad setting naming it, before anything starts.
+`strata serve` launches vLLM (preparing the default model if needed) unless an engine URL is
+given; a launch that fails exits non-zero with vLLM's own last words.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from config import Settings, load_settings
+from engine.launcher import EngineLaunchError, EngineSupervisor, detect_device, supervisor_from
+from engine.model import (
+    DEFAULT_SERVED_NAME,
+    ModelError,
+    check_model,
+    default_model_dir,
+    has_vllm,
+    looks_like_path,
+    prepare_default_model,
+)
+from engine.plan import KVPlan, PlanError, load_shape, parse_size, render
+
+log = logging.getLogger("strata")
+
+
+def _fail(message: str, code: int = 2) -> SystemExit:
+    print(f"strata: {message}", file=sys.stderr)
+    return SystemExit(code)
 
 
 def _settings_or_exit(**overrides: object) -> Settings:
@@ -25,10 +48,65 @@ def _settings_or_exit(**overrides: object) -> Settings:
             f"  {'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
             for err in exc.errors(include_url=False)
         ]
-        print("strata: invalid configuration:\n" + "\n".join(lines), file=sys.stderr)
+        raise _fail("invalid configuration:\n" + "\n".join(lines)) from None
     except (OSError, ValueError) as exc:
-        print(f"strata: invalid configuration: {exc}", file=sys.stderr)
-    raise SystemExit(2)
+        raise _fail(f"invalid configuration: {exc}") from None
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every upstream request at INFO; that is per-request noise, not operations.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
+
+
+def _engine_python(settings: Settings) -> str:
+    python = settings.engine_python or sys.executable
+    if not has_vllm(python):
+        raise _fail(
+            f"vLLM is not installed for {python}. Install it (pip install 'strata-gateway[cpu]' "
+            "or '[gpu]'), point STRATA_ENGINE_PYTHON at an interpreter that has it, or use "
+            "--engine-url for an engine that is already running."
+        )
+    return python
+
+
+def build_supervisor(settings: Settings) -> EngineSupervisor:
+    """Everything needed to launch vLLM: checked now, so a bad setting fails before any start."""
+    python = _engine_python(settings)
+    model = settings.engine_model
+    try:
+        if model is None:
+            dest = default_model_dir(settings.data_dir)
+            log.info("preparing the default model in %s", dest)
+            model = str(prepare_default_model(python, dest))
+            served = settings.engine_served_model_name or DEFAULT_SERVED_NAME
+        else:
+            check_model(model)
+            served = settings.engine_served_model_name or model
+    except ModelError as exc:
+        raise _fail(str(exc), 1) from None
+    return supervisor_from(
+        python=python,
+        model=model,
+        served_model_name=served,
+        device=detect_device(settings.engine_device),
+        host=settings.engine_host,
+        port=settings.engine_port,
+        max_model_len=settings.engine_max_model_len,
+        dtype=settings.engine_dtype,
+        block_size=settings.engine_block_size,
+        gpu_memory_utilization=settings.engine_gpu_memory_utilization,
+        cpu_kv_cache_gib=settings.engine_cpu_kv_cache_gib,
+        extra_args=settings.engine_extra_args,
+        log_path=settings.data_dir / "logs" / f"vllm-{settings.engine_port}.log",
+        start_timeout=settings.engine_start_timeout,
+        max_backoff=settings.engine_restart_max_backoff,
+        # A model path is served as it is; a hub name is the operator's choice to fetch.
+        offline=looks_like_path(model),
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -36,20 +114,21 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app  # noqa: PLC0415
 
-    settings = _settings_or_exit(engine_url=args.engine_url, host=args.host, port=args.port)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    urls: list[str] = args.engine_url or []
+    if len(urls) > 1:
+        raise _fail("one --engine-url for now: routing over several engines is not built yet")
+    settings = _settings_or_exit(
+        engine_url=urls[0] if urls else None, host=args.host, port=args.port
     )
-    # httpx logs every upstream request at INFO; that is per-request noise, not operations.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
-    app = create_app(settings)
+    _logging(settings)
+    launcher = build_supervisor(settings) if settings.launches_engine else None
+    app = create_app(settings, launcher=launcher)
     # Start-up leaves ~80k long-lived objects (modules, schemas). Freezing them keeps every later
     # full collection from rescanning them: measured, that turned 45 ms pauses on the L2 hit path
     # into none worth seeing.
     gc.collect()
     gc.freeze()
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -60,7 +139,63 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=False,
         timeout_graceful_shutdown=30,
     )
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn returns normally when start-up failed (e.g. vLLM would not start): say so.
+    return 0 if server.started else 1
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    _logging(settings)
+    python = _engine_python(settings)
+    dest = args.dest or default_model_dir(settings.data_dir)
+    try:
+        prepare_default_model(python, dest, force=args.force)
+    except ModelError as exc:
+        raise _fail(str(exc), 1) from None
+    print(dest)
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    try:
+        shape = load_shape(args.model)
+        plan = KVPlan(
+            shape=shape,
+            kv_dtype=args.kv_dtype or shape.dtype,
+            memory_bytes=parse_size(args.memory),
+            block_size=args.block_size,
+            max_len=args.max_len or shape.max_position or 4096,
+        )
+        print(render(plan))
+    except PlanError as exc:
+        raise _fail(str(exc), 1) from None
+    return 0
+
+
+def _engine_serve(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    _logging(settings)
+    supervisor = build_supervisor(settings)
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await supervisor.start()
+        except EngineLaunchError as exc:
+            print(f"strata: {exc}", file=sys.stderr)
+            await supervisor.stop()
+            return 1
+        print(f"vLLM serving {supervisor.spec.served_model_name} on {supervisor.url}", flush=True)
+        await stop.wait()
+        await supervisor.stop()
+        return 0
+
+    return asyncio.run(run())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +205,33 @@ def build_parser() -> argparse.ArgumentParser:
         "environment variables and the file named by STRATA_CONFIG; flags override both.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the gateway against a running engine")
-    serve.add_argument("--engine-url", help="engine base URL (STRATA_ENGINE_URL)")
+    serve = commands.add_parser(
+        "serve", help="run the gateway; launches vLLM unless --engine-url is given"
+    )
+    serve.add_argument(
+        "--engine-url", action="append", help="use this running engine (STRATA_ENGINE_URL)"
+    )
     serve.add_argument("--host", help="address to listen on (STRATA_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (STRATA_PORT)")
     serve.set_defaults(handler=_serve)
+
+    engine = commands.add_parser("engine", help="the colocated vLLM engine")
+    engine_commands = engine.add_subparsers(dest="engine_command", required=True, metavar="ACTION")
+    prepare = engine_commands.add_parser(
+        "prepare-model", help="prepare the default model (SmolLM2-135M-Instruct) for vLLM"
+    )
+    prepare.add_argument("--dest", type=Path, help="folder (default: in STRATA_DATA_DIR)")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if it verifies")
+    prepare.set_defaults(handler=_prepare_model)
+    plan = engine_commands.add_parser("plan", help="KV-cache capacity for a model and memory")
+    plan.add_argument("--model", required=True, help="model folder, config.json, or HF name")
+    plan.add_argument("--memory", required=True, help="memory for the KV cache, e.g. 80GiB")
+    plan.add_argument("--max-len", type=int, help="sequence length to count (default: model max)")
+    plan.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    plan.add_argument("--kv-dtype", help="KV element type (default: the model's dtype)")
+    plan.set_defaults(handler=_plan)
+    engine_serve = engine_commands.add_parser("serve", help="run only vLLM, as `serve` would")
+    engine_serve.set_defaults(handler=_engine_serve)
     return parser
 
 
