@@ -4,13 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
-ENGINE_URL ?= $(or $(STRATA_ENGINE_URL),http://127.0.0.1:8000)
+# Empty: `make serve` launches vLLM itself. Set it to use an engine that is already running.
+ENGINE_URL ?= $(STRATA_ENGINE_URL)
+ENGINE_VENV ?= .venv-engine
+DATA_DIR ?= $(or $(STRATA_DATA_DIR),$(CURDIR)/.run)
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint format serve serve-fake bench-hit clean
+.PHONY: help venv engine test lint format serve serve-fake bench-hit clean
 
 help:
-	@echo "make serve       Redis + gateway in front of the engine at ENGINE_URL ($(ENGINE_URL))"
+	@echo "make serve       Redis + vLLM (CPU unless a GPU is found) with the default model + gateway"
+	@echo "                 (ENGINE_URL=http://... uses a running engine instead of launching one)"
 	@echo "make serve-fake  Redis + gateway in front of the built-in fake engine (no model needed)"
 	@echo "make test        install what the suite needs, then run the whole suite"
 	@echo "make lint        ruff + mypy --strict"
@@ -24,10 +28,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+engine:
+	./scripts/install-engine.sh $(ENGINE_VENV)
+
+test: $(STAMP) engine
 	./scripts/ensure-apt.sh docker-compose:docker-compose
 	./scripts/ensure-redis.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	STRATA_TEST_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python STRATA_TEST_DATA_DIR=$(DATA_DIR) \
+	  $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -40,10 +48,13 @@ format: $(STAMP)
 
 serve: $(STAMP)
 	./scripts/ensure-redis.sh
-	@$(BIN)/python -c "import httpx,sys; httpx.get('$(ENGINE_URL)/v1/models', timeout=3)" 2>/dev/null \
-	  || { echo "make serve: no OpenAI-compatible engine answers at $(ENGINE_URL)."; \
-	       echo "  Start vLLM there, set ENGINE_URL=..., or try 'make serve-fake'."; exit 1; }
+ifeq ($(ENGINE_URL),)
+	./scripts/install-engine.sh $(ENGINE_VENV)
+	STRATA_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python STRATA_DATA_DIR=$(DATA_DIR) \
+	  $(BIN)/strata serve
+else
 	$(BIN)/strata serve --engine-url $(ENGINE_URL)
+endif
 
 serve-fake: $(STAMP)
 	./scripts/ensure-redis.sh
@@ -57,4 +68,4 @@ bench-hit: $(STAMP)
 	$(BIN)/python -m bench.hit_path --out docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(ENGINE_VENV) .run .pytest_cache .mypy_cache .ruff_cache

@@ -186,7 +186,7 @@ class EngineSupervisor:
         log.info("starting vLLM (%s) on %s: %s", self.spec.device, self.url, self.spec.model)
         started = time.monotonic()
         await self._start_once()
-        log.info("vLLM healthy after %.1f s", time.monotonic() - started)
+        log.info("vLLM healthy after %.1f s (pid %s)", time.monotonic() - started, self.pid)
         self._watch = asyncio.create_task(self._supervise(), name="strata-engine-supervisor")
 
     def _backoff(self, failures: int) -> float:
@@ -217,7 +217,9 @@ class EngineSupervisor:
                 log.error("vLLM restart failed: %s", str(exc).splitlines()[0])
                 continue
             self.restarts += 1
-            log.warning("vLLM restarted and healthy (%d restarts so far)", self.restarts)
+            log.warning(
+                "vLLM restarted and healthy (pid %s, %d restarts so far)", self.pid, self.restarts
+            )
 
     async def _terminate(self, process: asyncio.subprocess.Process) -> None:
         if process.returncode is not None:

@@ -86,7 +86,7 @@ def build(work: Path) -> dict[str, Any]:
     gguf = find_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -94,6 +94,8 @@ def build(work: Path) -> dict[str, Any]:
     config.architectures = ["LlamaForCausalLM"]
     model = LlamaForCausalLM(config)
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    # vLLM runs it in bfloat16 on CPU and GPU alike: store it so (half the bytes, no conversion).
+    model = model.to(torch.bfloat16)
     # Tied embeddings may legitimately be absent from the GGUF's state dict.
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
@@ -106,6 +108,7 @@ def build(work: Path) -> dict[str, Any]:
     saved = json.loads(config_path.read_text())
     saved.pop("quantization_config", None)
     saved["architectures"] = ["LlamaForCausalLM"]
+    saved["dtype"] = "bfloat16"
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return {"source": f"{PACKAGE}=={metadata.version(PACKAGE)}:{GGUF_NAME}"}
 
@@ -132,6 +135,9 @@ def prepare(dest: Path, *, force: bool = False) -> Path:
         }
         manifest = {"format": FORMAT, "files": files, **info}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        work.chmod(0o755)  # mkdtemp makes it private; vLLM may run as another user
+        for path in work.iterdir():
+            path.chmod(0o644)
         if dest.exists():
             shutil.rmtree(dest)  # ours, and broken or being rebuilt
         work.rename(dest)

@@ -21,8 +21,11 @@ from tests.redisproc import free_port
 
 
 class Process:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], port: int) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], port: int, stop_timeout: float = 10
+    ) -> None:
         self.name, self.args, self.env, self.port = name, args, env, port
+        self.stop_timeout = stop_timeout
         self.log = Path(tempfile.mkstemp(prefix=f"strata-{name}-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -56,7 +59,7 @@ class Process:
             return
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
