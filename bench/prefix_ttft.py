@@ -137,7 +137,8 @@ async def measure(label: str, spec: LaunchSpec, requests: int) -> dict[str, obje
 
 def table(rows: list[dict[str, object]], ratio: float, requests: int) -> str:
     lines = [
-        "| prefix caching | prompt tokens | first request ms | TTFT p50 ms | mean ms | min ms | max ms |",
+        "| prefix caching | prompt tokens | first request ms | TTFT p50 ms | mean ms | min ms "
+        "| max ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
