@@ -32,6 +32,12 @@ import httpx
 log = logging.getLogger(__name__)
 
 Device = Literal["cpu", "gpu"]
+
+# vLLM CPU picks bfloat16 by default; on these machines (AMD EPYC, no native BF16) its bfloat16
+# kernels produce wrong text (measured: SmolLM2 answers "What is the capital of France?" with a
+# loop of French words in bfloat16 and "The capital of France is Paris." in float32, which is also
+# what transformers gives in both dtypes). So CPU engines default to float32.
+CPU_DTYPE = "float32"
 LOG_TAIL_BYTES = 4000
 
 
@@ -73,8 +79,11 @@ class LaunchSpec:
         ]  # fmt: skip
         if self.max_model_len is not None:
             args += ["--max-model-len", str(self.max_model_len)]
-        if self.dtype is not None:
-            args += ["--dtype", self.dtype]
+        dtype = (
+            self.dtype if self.dtype is not None else (CPU_DTYPE if self.device == "cpu" else None)
+        )
+        if dtype is not None:
+            args += ["--dtype", dtype]
         if self.block_size is not None:
             args += ["--block-size", str(self.block_size)]
         if self.device == "gpu":

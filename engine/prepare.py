@@ -92,10 +92,8 @@ def build(work: Path) -> dict[str, Any]:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.architectures = ["LlamaForCausalLM"]
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # type: ignore[arg-type]  # a LlamaConfig from the GGUF
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
-    # vLLM runs it in bfloat16 on CPU and GPU alike: store it so (half the bytes, no conversion).
-    model = model.to(torch.bfloat16)
     # Tied embeddings may legitimately be absent from the GGUF's state dict.
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
@@ -108,7 +106,9 @@ def build(work: Path) -> dict[str, Any]:
     saved = json.loads(config_path.read_text())
     saved.pop("quantization_config", None)
     saved["architectures"] = ["LlamaForCausalLM"]
-    saved["dtype"] = "bfloat16"
+    # float32: the dequantized weights exactly, and the dtype the CPU engine must run (see
+    # engine.launcher.CPU_DTYPE).
+    saved["dtype"] = "float32"
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return {"source": f"{PACKAGE}=={metadata.version(PACKAGE)}:{GGUF_NAME}"}
 

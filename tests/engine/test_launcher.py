@@ -62,12 +62,15 @@ def test_command_line_and_environment(tmp_path: Path) -> None:
     assert argv[argv.index("--block-size") + 1] == "16"
     assert argv[-2:] == ["--seed", "1"]
     assert "--gpu-memory-utilization" not in argv
+    default_cpu = spec(tmp_path).argv()
+    assert default_cpu[default_cpu.index("--dtype") + 1] == "float32"
     env = cpu.environment({})
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert env["HF_HUB_OFFLINE"] == "1"
     gpu = LaunchSpec(python="python", model="m", served_model_name="m", device="gpu",
                      gpu_memory_utilization=0.8, offline=False)  # fmt: skip
     assert gpu.argv()[gpu.argv().index("--gpu-memory-utilization") + 1] == "0.8"
+    assert "--dtype" not in gpu.argv()  # vLLM's own choice on GPU
     assert "VLLM_CPU_KVCACHE_SPACE" not in gpu.environment({})
     assert "HF_HUB_OFFLINE" not in gpu.environment({})
 
