@@ -20,10 +20,15 @@ help:
 	@echo "make lint        ruff + mypy --strict"
 	@echo "make bench-hit   hit-path benchmark (bare Starlette vs L1 vs L2), writes docs/benchmarks.md"
 
+# The CPU build of torch goes first (a local wheel on these machines): otherwise the semantic
+# extra's sentence-transformers would pull the CUDA build and its several GB of packages.
+TORCH_SPEC ?= torch==2.13.0
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install --quiet -e '.[dev,semantic]'
 	touch $@
 
 venv: $(STAMP)

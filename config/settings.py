@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(default=256, ge=1)
     redis_key_prefix: str = Field(default="strata", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
 
+    # --- L3 semantic cache ---
+    # auto: on when its packages are installed. Off by default until the verifier meets its
+    # acceptance bar (false hits <= 2% at recall >= 45% on held-out pairs; see the README).
+    semantic: Literal["auto", "on", "off"] = "off"
+    semantic_model: str | None = None  # a sentence-transformers folder; unset: all-MiniLM-L6-v2
+    semantic_max_chars: int = Field(default=1000, ge=1)
+    semantic_max_entries: int = Field(default=100_000, ge=1)
+    semantic_hnsw_threshold: int = Field(default=20_000, ge=2)
+    # Cosine floor below which candidates are not even verified; unset: the verifier's own.
+    semantic_min_similarity: float | None = Field(default=None, ge=0, le=1)
+    semantic_candidates: int = Field(default=4, ge=1, le=64)
+
     # --- admin ---
     admin_key: SecretStr | None = None
 

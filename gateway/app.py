@@ -8,6 +8,8 @@ to whoever created it); handlers reach the wiring through the typed lifespan sta
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from caches import CacheChain, CacheLayer, MemoryCache, RedisCache
 from caches.redis_cache import connect
+from caches.semantic import SemanticCache
 from config import Settings
 from engine import EngineClient
 from engine.launcher import EngineLaunchError, EngineSupervisor
@@ -59,6 +62,49 @@ def build_chain(settings: Settings, *, clock: Callable[[], float] = time.time) -
     return CacheChain(layers, clock=clock)
 
 
+def semantic_available() -> bool:
+    return all(importlib.util.find_spec(name) for name in ("sentence_transformers", "faiss"))
+
+
+async def build_semantic(settings: Settings, clock: Callable[[], float]) -> SemanticCache | None:
+    """L3 as configured, its model loaded off the event loop; None when it is off."""
+    if settings.semantic == "off" or (settings.semantic == "auto" and not semantic_available()):
+        log.info("semantic cache (L3) off")
+        return None
+    from caches.embedder import EmbeddingBatcher, SentenceTransformerEmbedder  # noqa: PLC0415
+    from caches.semantic_store import SemanticStore  # noqa: PLC0415
+    from caches.vector_index import VectorIndex  # noqa: PLC0415
+    from caches.verifier import Verifier  # noqa: PLC0415
+
+    embedder = await asyncio.to_thread(SentenceTransformerEmbedder, settings.semantic_model)
+    store = None
+    if settings.redis_enabled:
+        store = SemanticStore(
+            connect(settings.redis_url, timeout=settings.redis_timeout, max_connections=32),
+            # The follower blocks on the stream for a second at a time: its own, longer timeout.
+            connect(settings.redis_url, timeout=5.0, max_connections=2),
+            prefix=settings.redis_key_prefix,
+            dimension=embedder.dimension,
+        )
+    verifier = Verifier.default()
+    floor = settings.semantic_min_similarity
+    return SemanticCache(
+        batcher=EmbeddingBatcher(embedder),
+        verifier=verifier,
+        index=VectorIndex(
+            embedder.dimension,
+            max_entries=settings.semantic_max_entries,
+            hnsw_threshold=settings.semantic_hnsw_threshold,
+            clock=clock,
+        ),
+        store=store,
+        min_similarity=verifier.min_similarity if floor is None else floor,
+        candidates=settings.semantic_candidates,
+        store_timeout=settings.redis_timeout,
+        clock=clock,
+    )
+
+
 def build_engine(settings: Settings) -> EngineClient:
     return EngineClient(
         settings.upstream_url,
@@ -78,6 +124,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.time,
     launcher: EngineSupervisor | None = None,
+    semantic: SemanticCache | None = None,
 ) -> FastAPI:
     """The gateway app. With `launcher`, the lifespan starts vLLM first and stops it last."""
 
@@ -104,9 +151,21 @@ def create_app(
                 metrics_registry = CollectorRegistry()
                 ProcessCollector(registry=metrics_registry)
                 PlatformCollector(registry=metrics_registry)
+            l3 = semantic
+            if l3 is None and settings.semantic != "off":
+                l3 = await build_semantic(settings, clock)
+                if l3 is not None:
+                    stack.push_async_callback(l3.aclose)
+            if l3 is not None:
+                await l3.start()
             metrics = GatewayMetrics(metrics_registry)
             service = CompletionService(
-                settings, engine_client, chain, clock=clock, observe_engine=metrics.observe_engine
+                settings,
+                engine_client,
+                chain,
+                clock=clock,
+                observe_engine=metrics.observe_engine,
+                semantic=l3,
             )
             engine_metrics = EngineMetrics(engine_client)
             collector = metrics.bind(service, chain, engine_metrics)

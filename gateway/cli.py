@@ -198,6 +198,27 @@ def _engine_serve(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _semantic_eval(args: argparse.Namespace) -> int:
+    try:
+        from caches.embedder import SentenceTransformerEmbedder  # noqa: PLC0415
+        from caches.semantic_eval import evaluate  # noqa: PLC0415
+        from caches.verifier import Verifier  # noqa: PLC0415
+
+        embedder = SentenceTransformerEmbedder(args.model)
+    except (ImportError, RuntimeError) as exc:
+        raise _fail(f"the semantic cache needs its packages: {exc}", 1) from None
+    if not args.pairs.is_file():
+        raise _fail(f"{args.pairs}: no such file", 1)
+    report = evaluate(
+        args.pairs,
+        embedder_encode=embedder.encode,
+        verifier=None if args.no_verifier else Verifier.default(),
+        threshold=args.threshold,
+    )
+    print(report.render())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strata",
@@ -232,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler=_plan)
     engine_serve = engine_commands.add_parser("serve", help="run only vLLM, as `serve` would")
     engine_serve.set_defaults(handler=_engine_serve)
+
+    semantic = commands.add_parser("semantic", help="the semantic cache (L3)")
+    semantic_commands = semantic.add_subparsers(dest="semantic_command", required=True,
+                                                metavar="ACTION")  # fmt: skip
+    evaluate = semantic_commands.add_parser(
+        "eval", help='precision / recall / false hits on pairs {"a", "b", "duplicate"}'
+    )
+    evaluate.add_argument("pairs", type=Path, help="JSON lines; a is cached, b is the query")
+    evaluate.add_argument("--threshold", type=float, help="override the operating point")
+    evaluate.add_argument("--no-verifier", action="store_true", help="cosine similarity alone")
+    evaluate.add_argument("--model", help="sentence-transformers folder (default: MiniLM-L6)")
+    evaluate.set_defaults(handler=_semantic_eval)
     return parser
 
 

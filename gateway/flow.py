@@ -33,6 +33,8 @@ from caches import (
     storable,
     usage_tokens,
 )
+from caches.semantic import SemanticCache, Vector
+from caches.semantic_scope import SemanticScope, semantic_scope
 from config import Settings
 from engine import EngineClient, EngineError, upstream_error
 from engine.isolation import cache_salt, salted_body
@@ -103,6 +105,7 @@ class CompletionService:
         *,
         clock: Callable[[], float] = time.time,
         observe_engine: Callable[[str, float], None] | None = None,
+        semantic: SemanticCache | None = None,
     ) -> None:
         self._settings = settings
         self._engine = engine
@@ -123,6 +126,8 @@ class CompletionService:
         # Plain counters, read by the metrics collector at scrape time: (route, status, outcome).
         self.outcomes: Counter[tuple[str, int, str]] = Counter()
         self._observe_engine = observe_engine
+        self._semantic = semantic
+        self._semantic_max_chars = settings.semantic_max_chars
 
     def salt_of(self, tenant: str) -> str:
         salt = self._salts.get(tenant)
@@ -165,19 +170,22 @@ class CompletionService:
         if decision.lookup and key is not None:
             lookup = await self._chain.get(key, max_age=control.max_age)
             timings = lookup.timings
-            hit = lookup.value
-            if hit is not None:
-                self.outcomes[(spec.name, 200, "hit")] += 1
-                return Response(
-                    hit.body,
-                    media_type=JSON,
-                    headers={
-                        "x-strata-cache": "hit",
-                        "x-strata-layer": lookup.layer or "",
-                        "age": str(int(hit.age(self._clock()))),
-                        "server-timing": _timing(timings),
-                    },
-                )
+            if lookup.value is not None:
+                return self._hit(spec, lookup.value, lookup.layer or "", timings)
+
+        # L3 only once L1/L2 missed: a hit there costs no embedding.
+        scope = (
+            self._semantic_scope(spec, body, tenant) if decision.lookup or decision.store else None
+        )
+        vector: Vector | None = None
+        if scope is not None and decision.lookup and self._semantic is not None:
+            started = time.perf_counter()
+            near, vector = await self._semantic.lookup(scope)
+            timings = (*timings, ("l3", time.perf_counter() - started))
+            if near is not None and (
+                control.max_age is None or near.value.age(self._clock()) <= control.max_age
+            ):
+                return self._hit(spec, near.value, "l3", timings, near.similarity)
 
         started = time.perf_counter()
         try:
@@ -198,28 +206,60 @@ class CompletionService:
             payload = None
         self.engine_tokens.count(payload)
         if decision.store and key is not None:
-            await self._store(key, answer.body, payload, control.ttl)
+            stored = await self._store(key, answer.body, payload, control.ttl)
+            if stored is not None and scope is not None and self._semantic is not None:
+                await self._semantic.store(scope, key, stored, vector)
         self.outcomes[(spec.name, 200, outcome)] += 1
         headers = {"x-strata-cache": outcome, "server-timing": _timing(timings)}
         if decision.reason:
             headers["x-strata-cache-reason"] = decision.reason
         return Response(answer.body, media_type=answer.content_type or JSON, headers=headers)
 
-    async def _store(self, key: CacheKey, body: bytes, payload: Any, ttl: int | None) -> None:
+    def _semantic_scope(
+        self, spec: RouteSpec, body: dict[str, Any], tenant: str
+    ) -> SemanticScope | None:
+        if self._semantic is None:
+            return None
+        found = semantic_scope(
+            spec.name, body, tenant=tenant, epoch=self._epoch, max_chars=self._semantic_max_chars
+        )
+        return found if isinstance(found, SemanticScope) else None
+
+    def _hit(
+        self,
+        spec: RouteSpec,
+        value: CachedResponse,
+        layer: str,
+        timings: tuple[tuple[str, float], ...],
+        similarity: float | None = None,
+    ) -> Response:
+        self.outcomes[(spec.name, 200, "hit")] += 1
+        headers = {
+            "x-strata-cache": "hit",
+            "x-strata-layer": layer,
+            "age": str(int(value.age(self._clock()))),
+            "server-timing": _timing(timings),
+        }
+        if similarity is not None:
+            headers["x-strata-similarity"] = f"{similarity:.4f}"
+        return Response(value.body, media_type=JSON, headers=headers)
+
+    async def _store(
+        self, key: CacheKey, body: bytes, payload: Any, ttl: int | None
+    ) -> CachedResponse | None:
         if len(body) > self._max_entry or not storable(200, payload, self._finish):
-            return
+            return None
         prompt, completion = usage_tokens(payload)
         now = self._clock()
-        await self._chain.set(
-            key,
-            CachedResponse(
-                body=body,
-                created_at=now,
-                expires_at=now + (ttl or self._default_ttl),
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-            ),
+        value = CachedResponse(
+            body=body,
+            created_at=now,
+            expires_at=now + (ttl or self._default_ttl),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
         )
+        await self._chain.set(key, value)
+        return value
 
     async def _relay_stream(self, spec: RouteSpec, raw: bytes) -> Response:
         """Pass an SSE stream through chunk by chunk, uncached."""

@@ -94,6 +94,7 @@ def gateway_process(engine_url: str, redis_url: str, prefix: str, **settings: st
             "STRATA_REDIS_URL": redis_url,
             "STRATA_REDIS_KEY_PREFIX": prefix,
             "STRATA_LOG_LEVEL": "info",
+            "STRATA_SEMANTIC": "off",
             **{f"STRATA_{k.upper()}": v for k, v in settings.items()},
         }
     )

@@ -74,6 +74,7 @@ def vllm_stack(redis_server: RedisServer) -> Iterator[Stack]:
         STRATA_API_KEYS=json.dumps(TENANT_KEYS),
         STRATA_CACHE_SALT_SECRET="test-salt-secret",
         STRATA_LOG_LEVEL="info",
+        STRATA_SEMANTIC="off",  # these tests are about the engine; L3 has its own
     )
     args = [sys.executable, "-m", "gateway", "serve", "--port", str(gateway_port)]
     # Its shutdown stops vLLM (SIGTERM, 15 s grace): give it the time before any SIGKILL.

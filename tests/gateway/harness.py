@@ -14,6 +14,7 @@ from fakeredis.aioredis import FakeRedis
 from prometheus_client import CollectorRegistry
 
 from caches import CacheChain, CacheLayer, MemoryCache, RedisCache
+from caches.semantic import SemanticCache
 from config import Settings
 from engine import EngineClient
 from engine.fake import FakeEngine
@@ -65,11 +66,14 @@ async def gateway(
     engine: FakeEngine | None = None,
     engine_transport: httpx.AsyncBaseTransport | None = None,
     read_timeout: float = 5.0,
+    semantic: SemanticCache | None = None,
+    clock: FakeClock | None = None,
     **settings: Any,
 ) -> AsyncIterator[Harness]:
-    clock = FakeClock()
+    clock = clock or FakeClock()
     fake = engine or FakeEngine(model=MODEL)
     chain = CacheChain(layers(clock), clock=clock)
+    settings.setdefault("semantic", "off")  # L3 tests inject their own
     config = Settings(redis_enabled=False, **settings)
     client = EngineClient(
         "http://engine.test",
@@ -77,7 +81,9 @@ async def gateway(
         transport=engine_transport or httpx.ASGITransport(app=fake),
     )
     registry = CollectorRegistry()
-    app = create_app(config, engine=client, cache=chain, registry=registry, clock=clock)
+    app = create_app(
+        config, engine=client, cache=chain, registry=registry, clock=clock, semantic=semantic
+    )
     try:
         async with (
             LifespanManager(app) as manager,

@@ -1,0 +1,270 @@
+"""L3: answers to questions that mean the same, inside an identical context, verified.
+
+Guarantees:
+- a lookup embeds only the scope's question (through the batcher, off the event loop), searches
+  only the scope's partition, and serves a candidate only if it clears the similarity floor AND
+  the verifier accepts it; the query vector is handed back so a later store does not embed again;
+- index search, verification and every index change run in one worker thread, never on the loop;
+- with a store (Redis), entries are written there and followed from there by an owned task, so
+  replicas share entries and a restart loses nothing; a failing store is a counted, logged miss
+  or skipped write, never a failed request — the follower resyncs with a full load on recovery;
+- `aclose()` cancels the follower and the batcher and releases the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from caches.base import CachedResponse, CacheKey
+from caches.embedder import EmbeddingBatcher
+from caches.semantic_scope import SemanticScope
+from caches.semantic_store import Event, SemanticEntry, SemanticStore
+from caches.vector_index import VectorIndex
+
+log = logging.getLogger(__name__)
+
+Vector = npt.NDArray[np.float32]
+
+
+class Judgement(Protocol):
+    @property
+    def accept(self) -> bool: ...
+
+    @property
+    def score(self) -> float: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+class Verifier(Protocol):
+    def verify(
+        self, cached: str, query: str, similarity: float, cached_vec: Vector, query_vec: Vector
+    ) -> Judgement: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticHit:
+    value: CachedResponse
+    similarity: float
+    entry_id: str
+
+
+@dataclass(slots=True)
+class SemanticCounters:
+    hits: int = 0
+    misses: int = 0
+    rejected: int = 0  # candidates above the floor that the verifier turned down
+    errors: int = 0
+    stores: int = 0
+    store_errors: int = 0
+
+
+class SemanticCache:
+    name = "l3"
+
+    def __init__(
+        self,
+        *,
+        batcher: EmbeddingBatcher,
+        verifier: Verifier,
+        index: VectorIndex,
+        store: SemanticStore | None = None,
+        min_similarity: float,
+        candidates: int = 4,
+        store_timeout: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._batcher = batcher
+        self._verifier = verifier
+        self._index = index
+        self._store = store
+        self._floor = min_similarity
+        self._k = candidates
+        self._store_timeout = store_timeout
+        self._clock = clock
+        self._entries: dict[str, SemanticEntry] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-l3")
+        self._follower: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._store_failing = False
+        self.counters = SemanticCounters()
+        self.similarities: list[float] = []  # of hits since the last scrape (drained by metrics)
+
+    # --- worker-thread side: the only code that touches the index and the entry map ---
+
+    def _apply_add(self, entry: SemanticEntry) -> None:
+        if entry.value.expired(self._clock()):
+            return
+        self._index.add(entry.id, entry.partition, entry.vector, entry.value.expires_at)
+        self._entries[entry.id] = entry
+        # The index evicts past its cap and drops what expired; follow it.
+        if len(self._entries) > len(self._index):
+            for stale in [eid for eid in self._entries if eid not in self._index]:
+                del self._entries[stale]
+
+    def _apply_remove(self, entry_id: str) -> None:
+        self._index.remove(entry_id)
+        self._entries.pop(entry_id, None)
+
+    def _search(self, scope: SemanticScope, vector: Vector) -> tuple[SemanticHit | None, int]:
+        rejected = 0
+        for match in self._index.search(scope.partition, vector, k=self._k):
+            if match.similarity < self._floor:
+                break
+            entry = self._entries.get(match.entry_id)
+            if entry is None:
+                continue
+            verdict = self._verifier.verify(
+                entry.text, scope.text, match.similarity, entry.vector, vector
+            )
+            if verdict.accept:
+                return SemanticHit(entry.value, match.similarity, entry.id), rejected
+            rejected += 1
+        return None, rejected
+
+    async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # --- the event-loop side ---
+
+    @property
+    def size(self) -> int:
+        return len(self._entries)
+
+    async def lookup(self, scope: SemanticScope) -> tuple[SemanticHit | None, Vector | None]:
+        try:
+            vector = await self._batcher.embed(scope.text)
+            hit, rejected = await self._in_worker(self._search, scope, vector)
+        except Exception as exc:
+            self.counters.errors += 1
+            log.warning("l3 lookup failed (%s: %s); treated as a miss", type(exc).__name__, exc)
+            return None, None
+        self.counters.rejected += rejected
+        if hit is None:
+            self.counters.misses += 1
+        else:
+            self.counters.hits += 1
+            self.similarities.append(hit.similarity)
+        return hit, vector
+
+    async def store(
+        self, scope: SemanticScope, key: CacheKey, value: CachedResponse, vector: Vector | None
+    ) -> None:
+        try:
+            if vector is None:
+                vector = await self._batcher.embed(scope.text)
+            entry = SemanticEntry(key.digest, scope.partition, scope.text, vector, key, value)
+            await self._in_worker(self._apply_add, entry)
+        except Exception as exc:
+            self.counters.store_errors += 1
+            log.warning("l3 store failed (%s: %s)", type(exc).__name__, exc)
+            return
+        self.counters.stores += 1
+        if self._store is not None:
+            ttl = math.ceil(value.expires_at - self._clock())
+            if ttl > 0:
+                await self._guarded(self._store.put(entry, ttl))
+
+    async def delete(self, entry_id: str) -> None:
+        await self._in_worker(self._apply_remove, entry_id)
+        if self._store is not None:
+            await self._guarded(self._store.remove(entry_id))
+
+    async def clear(self) -> int:
+        count = len(self._entries)
+        for entry_id in list(self._entries):
+            await self._in_worker(self._apply_remove, entry_id)
+        if self._store is not None:
+            # Walks the keyspace: not bounded by the per-operation timeout.
+            await self._store.clear()
+        return count
+
+    async def _guarded(self, op: Any) -> None:
+        try:
+            async with asyncio.timeout(self._store_timeout):
+                await op
+        except Exception as exc:
+            self.counters.store_errors += 1
+            if not self._store_failing:
+                self._store_failing = True
+                log.warning("l3 store failing (%s: %s)", type(exc).__name__, exc)
+            return
+        if self._store_failing:
+            self._store_failing = False
+            log.warning("l3 store recovered")
+
+    # --- sharing through Redis ---
+
+    async def start(self) -> None:
+        """Load every stored entry, then follow new ones in an owned background task."""
+        if self._store is None:
+            return
+        position = await self._load()
+        self._follower = asyncio.create_task(self._follow(position), name="strata-l3-follower")
+
+    async def _load(self) -> str:
+        assert self._store is not None
+        position = await self._store.position()
+        loaded = 0
+        async for entry in self._store.load():
+            await self._in_worker(self._apply_add, entry)
+            loaded += 1
+        log.info("l3: loaded %d semantic entries", loaded)
+        return position
+
+    async def _apply(self, event: Event) -> None:
+        if event.op == "del":
+            await self._in_worker(self._apply_remove, event.entry_id)
+        elif event.entry is not None and event.entry_id not in self._entries:
+            await self._in_worker(self._apply_add, event.entry)
+
+    async def _follow(self, start: str) -> None:
+        assert self._store is not None
+        position, failures = start, 0
+        while not self._stop.is_set():
+            try:
+                async for seen, event in self._store.follow(position, self._stop):
+                    position, failures = seen, 0
+                    await self._apply(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("l3 follower lost Redis (%s); retrying", type(exc).__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), min(5.0, 0.2 * 2**failures))
+                if self._stop.is_set():
+                    return
+                with contextlib.suppress(Exception):
+                    # Events may have been missed while away: resync from a full load.
+                    position = await self._load()
+                    log.warning("l3 follower resynced")
+
+    async def aclose(self) -> None:
+        if self._follower is not None:
+            assert self._store is not None
+            self._stop.set()
+            # Cooperative: a cancelled blocking XREAD would wait out its socket timeout instead.
+            done, _ = await asyncio.wait([self._follower], timeout=self._store.block_seconds + 2)
+            if not done:
+                self._follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._follower
+            self._follower = None
+        if self._store is not None:
+            await self._store.aclose()
+        await self._batcher.aclose()
+        self._pool.shutdown(wait=False, cancel_futures=True)
