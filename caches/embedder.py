@@ -136,11 +136,6 @@ class EmbeddingBatcher:
         self._wakeup.set()
         return await future
 
-    async def embed_many(self, texts: Sequence[str]) -> Vectors:
-        """Encode a known list at once (warm-up, loading), in the worker thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.embedder.encode, list(texts))
-
     async def _run(self) -> None:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()

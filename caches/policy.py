@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
-
-Outcome = Literal["lookup", "bypass"]
+from typing import Any
 
 
 class ControlError(ValueError):

@@ -94,7 +94,6 @@ class SemanticCache:
         self._k = candidates
         self._store_timeout = store_timeout
         self._clock = clock
-        self._entries: dict[str, SemanticEntry] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-l3")
         self._follower: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -105,27 +104,15 @@ class SemanticCache:
     # --- worker-thread side: the only code that touches the index and the entry map ---
 
     def _apply_add(self, entry: SemanticEntry) -> None:
-        if entry.value.expired(self._clock()):
-            return
-        self._index.add(entry.id, entry.partition, entry.vector, entry.value.expires_at)
-        self._entries[entry.id] = entry
-        # The index evicts past its cap and drops what expired; follow it.
-        if len(self._entries) > len(self._index):
-            for stale in [eid for eid in self._entries if eid not in self._index]:
-                del self._entries[stale]
-
-    def _apply_remove(self, entry_id: str) -> None:
-        self._index.remove(entry_id)
-        self._entries.pop(entry_id, None)
+        if not entry.value.expired(self._clock()):
+            self._index.add(entry.id, entry.partition, entry.vector, entry.value.expires_at, entry)
 
     def _search(self, scope: SemanticScope, vector: Vector) -> tuple[SemanticHit | None, int]:
         rejected = 0
         for match in self._index.search(scope.partition, vector, k=self._k):
             if match.similarity < self._floor:
                 break
-            entry = self._entries.get(match.entry_id)
-            if entry is None:
-                continue
+            entry: SemanticEntry = match.payload
             verdict = self._verifier.verify(
                 entry.text, scope.text, match.similarity, entry.vector, vector
             )
@@ -141,7 +128,7 @@ class SemanticCache:
 
     @property
     def size(self) -> int:
-        return len(self._entries)
+        return len(self._index)
 
     async def lookup(self, scope: SemanticScope) -> tuple[SemanticHit | None, Vector | None]:
         try:
@@ -178,14 +165,14 @@ class SemanticCache:
                 await self._guarded(self._store.put(entry, ttl))
 
     async def delete(self, entry_id: str) -> None:
-        await self._in_worker(self._apply_remove, entry_id)
+        await self._in_worker(self._index.remove, entry_id)
         if self._store is not None:
             await self._guarded(self._store.remove(entry_id))
 
     async def clear(self) -> int:
-        count = len(self._entries)
-        for entry_id in list(self._entries):
-            await self._in_worker(self._apply_remove, entry_id)
+        count = len(self._index)
+        for entry_id in await self._in_worker(self._index.ids):
+            await self._in_worker(self._index.remove, entry_id)
         if self._store is not None:
             # Walks the keyspace: not bounded by the per-operation timeout.
             await self._store.clear()
@@ -226,8 +213,8 @@ class SemanticCache:
 
     async def _apply(self, event: Event) -> None:
         if event.op == "del":
-            await self._in_worker(self._apply_remove, event.entry_id)
-        elif event.entry is not None and event.entry_id not in self._entries:
+            await self._in_worker(self._index.remove, event.entry_id)
+        elif event.entry is not None and event.entry_id not in self._index:
             await self._in_worker(self._apply_add, event.entry)
 
     async def _follow(self, start: str) -> None:

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from caches.base import CachedResponse, CacheKey
 from caches.codec import CorruptEntry, decode, encode
+from caches.redis_cache import scan_batches, unlink_matching
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +147,9 @@ class SemanticStore:
         return entries
 
     async def load(self) -> AsyncIterator[SemanticEntry]:
-        cursor: int = 0
-        while True:
-            cursor, keys = await self._follower.scan(
-                cursor=cursor, match=self._entry_prefix + "*", count=LOAD_BATCH
-            )
-            if keys:
-                for entry in await self._read(list(keys)):
-                    yield entry
-            if cursor == 0:
-                return
+        async for keys in scan_batches(self._follower, self._entry_prefix + "*", LOAD_BATCH):
+            for entry in await self._read(keys):
+                yield entry
 
     @property
     def block_seconds(self) -> float:
@@ -192,16 +186,7 @@ class SemanticStore:
         await self._redis.aclose()
 
     async def clear(self) -> int:
-        removed = 0
-        cursor: int = 0
-        while True:
-            cursor, keys = await self._redis.scan(
-                cursor=cursor, match=self._entry_prefix + "*", count=LOAD_BATCH
-            )
-            if keys:
-                removed += int(await self._redis.unlink(*keys))
-            if cursor == 0:
-                break
+        removed = await unlink_matching(self._redis, self._entry_prefix + "*")
         await self._redis.unlink(self._stream)
         return removed
 

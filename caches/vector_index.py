@@ -5,7 +5,8 @@ partition: filtering comes before search, never after a global top-k); a partiti
 inner-product search until it holds `hnsw_threshold` vectors, then an HNSW graph; entries can be
 removed by id (HNSW cannot delete, so removed rows are skipped and the graph is rebuilt once they
 are a quarter of it); expired entries are never returned; past `max_entries` in total the oldest
-entries are evicted. Not thread-safe: the semantic layer calls it from one worker thread.
+entries are evicted. Each entry carries a payload that search hands back, so callers keep no
+parallel map to go stale. Not thread-safe: the semantic layer calls it from one worker thread.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
@@ -91,6 +93,7 @@ class _Partition:
 class Match:
     entry_id: str
     similarity: float
+    payload: Any
 
 
 class VectorIndex:
@@ -111,8 +114,8 @@ class VectorIndex:
         self._ef_search = ef_search
         self._clock = clock
         self._partitions: dict[str, _Partition] = {}
-        # entry id -> (partition, faiss row, expires_at), oldest first.
-        self._entries: OrderedDict[str, tuple[str, int, float]] = OrderedDict()
+        # entry id -> (partition, faiss row, expires_at, payload), oldest first.
+        self._entries: OrderedDict[str, tuple[str, int, float, Any]] = OrderedDict()
         self._next_row = 0
 
     def __len__(self) -> int:
@@ -121,11 +124,21 @@ class VectorIndex:
     def __contains__(self, entry_id: str) -> bool:
         return entry_id in self._entries
 
+    def ids(self) -> list[str]:
+        return list(self._entries)
+
     def partition_size(self, partition: str) -> int:
         found = self._partitions.get(partition)
         return len(found) if found is not None else 0
 
-    def add(self, entry_id: str, partition: str, vector: Vector, expires_at: float) -> None:
+    def add(
+        self,
+        entry_id: str,
+        partition: str,
+        vector: Vector,
+        expires_at: float,
+        payload: Any = None,
+    ) -> None:
         if vector.shape != (self.dimension,):
             raise ValueError(f"vector of shape {vector.shape}, expected ({self.dimension},)")
         self.remove(entry_id)
@@ -137,7 +150,7 @@ class VectorIndex:
         row = self._next_row
         self._next_row += 1
         part.add(row, entry_id, np.ascontiguousarray(vector, dtype=np.float32))
-        self._entries[entry_id] = (partition, row, expires_at)
+        self._entries[entry_id] = (partition, row, expires_at, payload)
         while len(self._entries) > self._max_entries:
             oldest = next(iter(self._entries))
             self.remove(oldest)
@@ -146,7 +159,7 @@ class VectorIndex:
         found = self._entries.pop(entry_id, None)
         if found is None:
             return False
-        partition, row, _ = found
+        partition, row, _, _ = found
         part = self._partitions[partition]
         part.remove(row)
         if not len(part):
@@ -163,18 +176,11 @@ class VectorIndex:
         expired = []
         for row, score in part.search(np.ascontiguousarray(vector, dtype=np.float32), k):
             entry_id = part.rows[row]
-            _, _, expires_at = self._entries[entry_id]
+            _, _, expires_at, payload = self._entries[entry_id]
             if expires_at <= now:
                 expired.append(entry_id)
                 continue
-            matches.append(Match(entry_id, score))
+            matches.append(Match(entry_id, score, payload))
         for entry_id in expired:
             self.remove(entry_id)
         return matches
-
-    def purge_expired(self) -> int:
-        now = self._clock()
-        stale = [eid for eid, (_, _, expires) in self._entries.items() if expires <= now]
-        for entry_id in stale:
-            self.remove(entry_id)
-        return len(stale)

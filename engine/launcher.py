@@ -22,7 +22,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -271,31 +271,3 @@ def detect_device(preference: Literal["auto", "cpu", "gpu"]) -> Device:
     except (OSError, subprocess.TimeoutExpired):
         return "cpu"
     return "gpu" if result.returncode == 0 and b"GPU" in result.stdout else "cpu"
-
-
-def supervisor_from(
-    *,
-    python: str,
-    model: str,
-    served_model_name: str,
-    device: Device,
-    host: str,
-    port: int,
-    max_model_len: int | None,
-    dtype: str | None,
-    block_size: int | None,
-    gpu_memory_utilization: float,
-    cpu_kv_cache_gib: int,
-    extra_args: Sequence[str],
-    log_path: Path,
-    start_timeout: float,
-    max_backoff: float,
-    offline: bool,
-) -> EngineSupervisor:
-    spec = LaunchSpec(
-        python=python, model=model, served_model_name=served_model_name, device=device,
-        host=host, port=port, max_model_len=max_model_len, dtype=dtype, block_size=block_size,
-        gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
-        extra_args=tuple(extra_args), offline=offline, log_path=log_path,
-    )  # fmt: skip
-    return EngineSupervisor(spec, start_timeout=start_timeout, max_backoff=max_backoff)

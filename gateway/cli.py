@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from config import Settings, load_settings
-from engine.launcher import EngineLaunchError, EngineSupervisor, detect_device, supervisor_from
+from engine.launcher import EngineLaunchError, EngineSupervisor, LaunchSpec, detect_device
 from engine.model import (
     DEFAULT_SERVED_NAME,
     ModelError,
@@ -88,7 +88,7 @@ def build_supervisor(settings: Settings) -> EngineSupervisor:
             served = settings.engine_served_model_name or model
     except ModelError as exc:
         raise _fail(str(exc), 1) from None
-    return supervisor_from(
+    spec = LaunchSpec(
         python=python,
         model=model,
         served_model_name=served,
@@ -100,12 +100,15 @@ def build_supervisor(settings: Settings) -> EngineSupervisor:
         block_size=settings.engine_block_size,
         gpu_memory_utilization=settings.engine_gpu_memory_utilization,
         cpu_kv_cache_gib=settings.engine_cpu_kv_cache_gib,
-        extra_args=settings.engine_extra_args,
+        extra_args=tuple(settings.engine_extra_args),
         log_path=settings.data_dir / "logs" / f"vllm-{settings.engine_port}.log",
-        start_timeout=settings.engine_start_timeout,
-        max_backoff=settings.engine_restart_max_backoff,
         # A model path is served as it is; a hub name is the operator's choice to fetch.
         offline=looks_like_path(model),
+    )
+    return EngineSupervisor(
+        spec,
+        start_timeout=settings.engine_start_timeout,
+        max_backoff=settings.engine_restart_max_backoff,
     )
 
 

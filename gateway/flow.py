@@ -107,7 +107,6 @@ class CompletionService:
         observe_engine: Callable[[str, float], None] | None = None,
         semantic: SemanticCache | None = None,
     ) -> None:
-        self._settings = settings
         self._engine = engine
         self._chain = chain
         self._clock = clock
