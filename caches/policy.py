@@ -2,7 +2,8 @@
 
 Guarantees (all pure functions, no I/O):
 - only deterministic requests are cached by default: `temperature == 0`, or a `seed` given, with
-  at most one choice (`n` absent or 1); streams pass through uncached;
+  at most one choice (`n` absent or 1); whether the answer is streamed does not matter (the
+  gateway reassembles streams and replays stored answers as streams);
 - only complete successful answers are storable: HTTP 200, a JSON object with at least one choice,
   every choice finished with an allowed reason;
 - `Cache-Control: no-cache` skips the lookup but still stores, `no-store` does neither,
@@ -91,8 +92,6 @@ def decide(body: Mapping[str, Any], control: CacheControl, *, enabled: bool = Tr
         return Decision(lookup=False, store=False, reason="disabled")
     if control.no_store:
         return Decision(lookup=False, store=False, reason="no-store")
-    if body.get("stream") is True:
-        return Decision(lookup=False, store=False, reason="stream")
     n = body.get("n")
     if n is not None and n != 1:
         return Decision(lookup=False, store=False, reason="n>1")

@@ -4,15 +4,17 @@ Guarantees: the same deterministic request (temperature 0 or a seed) always gets
 a sampled one (temperature > 0, no seed) gets a different answer each time, like a real engine.
 It serves `/v1/chat/completions` and `/v1/completions` (JSON and SSE streams), `/v1/models` and
 `/health`; answers unknown models with 404 and bad sampling values with 400 in vLLM's error shape;
-records every call, every stream the client abandoned, and can be told to fail, to wait, or to cut
-a stream short. Used by the tests and benchmarks, and runnable on its own:
-`python -m engine.fake --port 9000`.
+records every call, every stream the client abandoned (noticed at once, also while it waits for
+its first token or between tokens), and can be told to fail, to wait, or to cut a stream short;
+`GET /fake/stats` reports those records for tests that run it as a process. Used by the tests and
+benchmarks, and runnable on its own: `python -m engine.fake --port 9000`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import secrets
@@ -65,6 +67,9 @@ class FakeEngine:
     model: str = "strata-fake"
     delay: float = 0.0  # seconds before the first byte of any answer
     chunk_delay: float = 0.0  # seconds between stream chunks
+    # Seconds between a stream's headers and its first event: vLLM sends its headers at once and
+    # the first token after prefill.
+    first_token_delay: float = 0.0
     answer_bytes: int = 120  # approximate size of generated text
     words_per_chunk: int = 1
     calls: Counter[str] = field(default_factory=Counter)
@@ -85,6 +90,9 @@ class FakeEngine:
         path, method = scope["path"], scope["method"]
         if method == "GET" and path == "/health":
             await _send_json(send, 200, {})
+            return
+        if method == "GET" and path == "/fake/stats":
+            await _send_json(send, 200, self.stats())
             return
         if method == "GET" and path == "/v1/models":
             self.calls[path] += 1
@@ -119,6 +127,13 @@ class FakeEngine:
             await self._stream(body, chat, receive, send)
         else:
             await _send_json(send, 200, self.answer(body, chat=chat))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "calls": dict(self.calls),
+            "cancelled": self.cancelled,
+            "completed_streams": self.completed_streams,
+        }
 
     def models_payload(self) -> dict[str, Any]:
         return {
@@ -242,6 +257,7 @@ class FakeEngine:
                     "headers": [(b"content-type", b"text/event-stream")],
                 }
             )
+            await _pause(disconnected, self.first_token_delay)
             for event in self._events(body, full, chat):
                 if disconnected.is_set():
                     self.cancelled += 1
@@ -249,8 +265,7 @@ class FakeEngine:
                 if event is None:  # the injected cut
                     return
                 await send({"type": "http.response.body", "body": event, "more_body": True})
-                if self.chunk_delay:
-                    await asyncio.sleep(self.chunk_delay)
+                await _pause(disconnected, self.chunk_delay)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             self.completed_streams += 1
         except OSError:
@@ -363,6 +378,13 @@ class FakeEngine:
         return events
 
 
+async def _pause(interrupt: asyncio.Event, seconds: float) -> None:
+    """Sleep, but wake up as soon as `interrupt` is set (the client went away)."""
+    if seconds > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(interrupt.wait(), seconds)
+
+
 def _prompt_text(body: dict[str, Any]) -> str:
     if isinstance(body.get("prompt"), str):
         return str(body["prompt"])
@@ -421,13 +443,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="strata-fake")
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
+    parser.add_argument("--first-token-delay", type=float, default=0.0)
     parser.add_argument("--answer-bytes", type=int, default=120)
+    parser.add_argument("--words-per-chunk", type=int, default=1)
+    parser.add_argument(
+        "--break-stream-after", type=int, default=None, help="cut every stream after N chunks"
+    )
     args = parser.parse_args(argv)
     app = FakeEngine(
         model=args.model,
         delay=args.delay,
         chunk_delay=args.chunk_delay,
+        first_token_delay=args.first_token_delay,
         answer_bytes=args.answer_bytes,
+        words_per_chunk=args.words_per_chunk,
+        break_stream_after=args.break_stream_after,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 

@@ -2,10 +2,19 @@
 
 parse and validate → decide (policy) → look up (chain) → one engine call → store if storable →
 respond. Guarantees: a hit does no work beyond parsing, validating, keying and one chain lookup;
-the body sent to the engine is the one the client sent; only complete successful answers are
-stored; the cache never fails a request (the chain fails open); engine failures become OpenAI-shaped
-errors with the right status; every answer says how it was served (`X-Strata-Cache`, and on hits
-`X-Strata-Layer` and `Age`) and where the time went (`Server-Timing`).
+the body sent to the engine is the one the client sent (plus the tenant's `cache_salt`, and
+`stream_options.include_usage` on a stored stream whose client did not ask for usage — that usage
+chunk is kept from the client); only complete successful answers are stored; the cache never fails
+a request (the chain fails open); engine failures become OpenAI-shaped errors with the right
+status; every answer says how it was served (`X-Strata-Cache`, and on hits `X-Strata-Layer` and
+`Age`) and where the time went (`Server-Timing`).
+
+Streams (`stream: true`) take the same path. A hit is replayed as an event stream
+(`gateway.replay`), whichever way the answer was stored. A miss is relayed event by event as the
+engine sends it; a cacheable one is reassembled on the way (`gateway.assembly`) and stored — in
+every layer, before `[DONE]` goes out — only when the engine finished it normally. An engine
+failure mid-stream becomes an OpenAI error event and stores nothing; a client that goes away
+closes the engine's stream (vLLM then aborts the generation) and stores nothing.
 """
 
 from __future__ import annotations
@@ -13,14 +22,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from secrets import token_bytes
 from typing import Any, Literal
 
 import httpx
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from caches import (
     CacheChain,
@@ -37,9 +46,13 @@ from caches.semantic import SemanticCache, Vector
 from caches.semantic_scope import SemanticScope, semantic_scope
 from config import Settings
 from engine import EngineClient, EngineError, upstream_error
+from engine.errors import EngineProtocolError
 from engine.isolation import cache_salt, salted_body
+from gateway.assembly import StreamAssembler
 from gateway.errors import APIError, error_payload
+from gateway.replay import ReplayError, replay
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_json_object, validate
+from gateway.sse import EventReader, EventStreamResponse, data_event
 from gateway.tenants import TenantResolver
 
 log = logging.getLogger(__name__)
@@ -59,7 +72,11 @@ ROUTES: dict[RouteName, RouteSpec] = {
     "completions": RouteSpec("completions", "/v1/completions", CompletionRequest),
 }
 
+# What the flow answers with: a whole body, or a stream it relays.
+Answer = Response | EventStreamResponse
+
 JSON = "application/json"
+EVENT_STREAM = "text/event-stream"
 
 # `bypass`: the client or the operator opted out of the cache. Requests the policy cannot cache
 # (sampled, n > 1) are misses: the cache was consulted in spirit and had nothing to give.
@@ -92,6 +109,37 @@ class EngineTokens:
 
 def _timing(parts: tuple[tuple[str, float], ...]) -> str:
     return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts)
+
+
+def _wants_usage(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _may_ask_usage(body: Mapping[str, Any]) -> bool:
+    """Can the gateway add `include_usage` upstream and hide the usage chunk exactly? Only when
+    the client set no other stream option (vLLM's `continuous_usage_stats` would change every
+    chunk the client sees)."""
+    options = body.get("stream_options")
+    if options is None:
+        return True
+    only_usage = isinstance(options, dict) and set(options) <= {"include_usage"}
+    return only_usage and not _wants_usage(body)
+
+
+def _error_event(exc: EngineError) -> bytes:
+    return data_event(orjson.dumps(error_payload(APIError.from_engine(exc))))
+
+
+@dataclass(frozen=True, slots=True)
+class StoreTarget:
+    """Where a cacheable miss is stored once complete: its key and TTL, and for L3 its scope and
+    the embedding the lookup already computed."""
+
+    key: CacheKey
+    ttl: int | None
+    scope: SemanticScope | None
+    vector: Vector | None
 
 
 class CompletionService:
@@ -135,10 +183,16 @@ class CompletionService:
             salt = self._salts[tenant] = cache_salt(self._salt_secret, tenant)
         return salt
 
-    def _upstream_body(self, body: dict[str, Any], raw: bytes, tenant: str) -> bytes:
-        return salted_body(body, self.salt_of(tenant)) if self._salting else raw
+    def _upstream_body(
+        self, body: dict[str, Any], raw: bytes, tenant: str, extra: dict[str, Any] | None = None
+    ) -> bytes:
+        if extra:
+            body = {**body, **extra}
+        elif not self._salting:
+            return raw
+        return salted_body(body, self.salt_of(tenant)) if self._salting else orjson.dumps(body)
 
-    async def complete(self, route: RouteName, raw: bytes, headers: Mapping[str, str]) -> Response:
+    async def complete(self, route: RouteName, raw: bytes, headers: Mapping[str, str]) -> Answer:
         spec = ROUTES[route]
         try:
             response = await self._complete(spec, raw, headers)
@@ -147,7 +201,7 @@ class CompletionService:
             raise
         return response
 
-    async def _complete(self, spec: RouteSpec, raw: bytes, headers: Mapping[str, str]) -> Response:
+    async def _complete(self, spec: RouteSpec, raw: bytes, headers: Mapping[str, str]) -> Answer:
         tenant = self._tenants.resolve(headers)
         body = parse_json_object(raw)
         validate(spec.schema, body)
@@ -158,9 +212,7 @@ class CompletionService:
         except ControlError as exc:
             raise APIError(400, str(exc), param=exc.header, code="invalid_header") from exc
         decision = decide(body, control, enabled=self._enabled)
-
-        if body.get("stream") is True:
-            return await self._relay_stream(spec, self._upstream_body(body, raw, tenant))
+        stream = body.get("stream") is True
 
         key: CacheKey | None = None
         timings: tuple[tuple[str, float], ...] = ()
@@ -170,7 +222,9 @@ class CompletionService:
             lookup = await self._chain.get(key, max_age=control.max_age)
             timings = lookup.timings
             if lookup.value is not None:
-                return self._hit(spec, lookup.value, lookup.layer or "", timings)
+                hit = self._hit(spec, body, lookup.value, lookup.layer or "", timings=timings)
+                if hit is not None:
+                    return hit
 
         # L3 only once L1/L2 missed: a hit there costs no embedding.
         scope = (
@@ -184,8 +238,31 @@ class CompletionService:
             if near is not None and (
                 control.max_age is None or near.value.age(self._clock()) <= control.max_age
             ):
-                return self._hit(spec, near.value, "l3", timings, near.similarity)
+                hit = self._hit(
+                    spec, body, near.value, "l3", timings=timings, similarity=near.similarity
+                )
+                if hit is not None:
+                    return hit
 
+        target = None
+        if decision.store and key is not None:
+            target = StoreTarget(key, control.ttl, scope, vector)
+        answer = self._stream if stream else self._answer
+        return await answer(spec, body, raw, tenant, reason=decision.reason, target=target,
+                            timings=timings)  # fmt: skip
+
+    async def _answer(
+        self,
+        spec: RouteSpec,
+        body: dict[str, Any],
+        raw: bytes,
+        tenant: str,
+        *,
+        reason: str,
+        target: StoreTarget | None,
+        timings: tuple[tuple[str, float], ...],
+    ) -> Response:
+        """Ask the engine for the whole answer; store it when `target` says where."""
         started = time.perf_counter()
         try:
             answer = await self._engine.post(spec.path, self._upstream_body(body, raw, tenant))
@@ -198,20 +275,18 @@ class CompletionService:
         if answer.status != 200:
             raise APIError.from_engine(upstream_error(answer.status, answer.body))
 
-        outcome = "bypass" if decision.reason in BYPASS_REASONS else "miss"
+        outcome = "bypass" if reason in BYPASS_REASONS else "miss"
         try:
             payload = orjson.loads(answer.body)
         except orjson.JSONDecodeError:
             payload = None
         self.engine_tokens.count(payload)
-        if decision.store and key is not None:
-            stored = await self._store(key, answer.body, payload, control.ttl)
-            if stored is not None and scope is not None and self._semantic is not None:
-                await self._semantic.store(scope, key, stored, vector)
+        if target is not None:
+            await self._store(target, answer.body, payload)
         self.outcomes[(spec.name, 200, outcome)] += 1
         headers = {"x-strata-cache": outcome, "server-timing": _timing(timings)}
-        if decision.reason:
-            headers["x-strata-cache-reason"] = decision.reason
+        if reason:
+            headers["x-strata-cache-reason"] = reason
         return Response(answer.body, media_type=answer.content_type or JSON, headers=headers)
 
     def _semantic_scope(
@@ -227,11 +302,22 @@ class CompletionService:
     def _hit(
         self,
         spec: RouteSpec,
+        body: dict[str, Any],
         value: CachedResponse,
         layer: str,
+        *,
         timings: tuple[tuple[str, float], ...],
         similarity: float | None = None,
-    ) -> Response:
+    ) -> Response | None:
+        """The stored answer as the client asked for it; `None` when a stream cannot carry it."""
+        streamed = body.get("stream") is True
+        content = value.body
+        if streamed:
+            try:
+                content = replay(value.body, spec.name, include_usage=_wants_usage(body))
+            except ReplayError as exc:
+                log.debug("a %s hit cannot be replayed as a stream (%s)", layer, exc)
+                return None
         self.outcomes[(spec.name, 200, "hit")] += 1
         headers = {
             "x-strata-cache": "hit",
@@ -241,29 +327,46 @@ class CompletionService:
         }
         if similarity is not None:
             headers["x-strata-similarity"] = f"{similarity:.4f}"
-        return Response(value.body, media_type=JSON, headers=headers)
+        if streamed:
+            headers["cache-control"] = "no-cache"
+        return Response(content, media_type=EVENT_STREAM if streamed else JSON, headers=headers)
 
-    async def _store(
-        self, key: CacheKey, body: bytes, payload: Any, ttl: int | None
-    ) -> CachedResponse | None:
+    async def _store(self, target: StoreTarget, body: bytes, payload: Any) -> None:
+        """Write a complete answer through every layer, L3 included."""
         if len(body) > self._max_entry or not storable(200, payload, self._finish):
-            return None
+            return
         prompt, completion = usage_tokens(payload)
         now = self._clock()
         value = CachedResponse(
             body=body,
             created_at=now,
-            expires_at=now + (ttl or self._default_ttl),
+            expires_at=now + (target.ttl or self._default_ttl),
             prompt_tokens=prompt,
             completion_tokens=completion,
         )
-        await self._chain.set(key, value)
-        return value
+        await self._chain.set(target.key, value)
+        if target.scope is not None and self._semantic is not None:
+            await self._semantic.store(target.scope, target.key, value, target.vector)
 
-    async def _relay_stream(self, spec: RouteSpec, raw: bytes) -> Response:
-        """Pass an SSE stream through chunk by chunk, uncached."""
+    async def _stream(
+        self,
+        spec: RouteSpec,
+        body: dict[str, Any],
+        raw: bytes,
+        tenant: str,
+        *,
+        reason: str,
+        target: StoreTarget | None,
+        timings: tuple[tuple[str, float], ...],
+    ) -> Answer:
+        """Open the engine's stream and relay it; with a `target`, reassemble and store it."""
+        ask_usage = target is not None and _may_ask_usage(body)
+        extra = {"stream_options": {"include_usage": True}} if ask_usage else None
+        started = time.perf_counter()
         try:
-            upstream = await self._engine.open_stream(spec.path, raw)
+            upstream = await self._engine.open_stream(
+                spec.path, self._upstream_body(body, raw, tenant, extra)
+            )
         except EngineError as exc:
             raise APIError.from_engine(exc) from exc
         if upstream.status_code != 200:
@@ -274,24 +377,80 @@ class CompletionService:
             finally:
                 await upstream.aclose()
             raise APIError.from_engine(upstream_error(upstream.status_code, content))
-        self.outcomes[(spec.name, 200, "bypass")] += 1
-        return StreamingResponse(
-            self._relay(upstream),
-            media_type="text/event-stream",
-            headers={
-                "x-strata-cache": "bypass",
-                "x-strata-cache-reason": "stream",
-                "cache-control": "no-cache",
-            },
+        timings = (*timings, ("engine", time.perf_counter() - started))
+        outcome = "bypass" if reason in BYPASS_REASONS else "miss"
+        self.outcomes[(spec.name, 200, outcome)] += 1
+        headers = {"x-strata-cache": outcome, "server-timing": _timing(timings)}
+        if reason:
+            headers["x-strata-cache-reason"] = reason
+        events = (
+            self._relay(spec, upstream, started)
+            if target is None
+            else self._tee(spec, upstream, started, target, hide_usage=ask_usage)
         )
+        # The response closes the engine's stream whatever happens, even before the first chunk.
+        return EventStreamResponse(events, headers=headers, on_close=upstream.aclose)
 
-    async def _relay(self, upstream: httpx.Response) -> AsyncIterator[bytes]:
+    async def _relay(
+        self, spec: RouteSpec, upstream: httpx.Response, started: float
+    ) -> AsyncGenerator[bytes, None]:
+        """Pass an uncached stream through byte for byte, as it arrives."""
         try:
             async for chunk in self._engine.iter_stream(upstream):
                 yield chunk
         except EngineError as exc:
             log.warning("engine stream broke off: %s", exc.message)
-            yield b"data: " + orjson.dumps(error_payload(APIError.from_engine(exc))) + b"\n\n"
-        finally:
-            # Closing the upstream response makes the engine abort the generation.
-            await upstream.aclose()
+            yield _error_event(exc)
+            return
+        self._observe(spec, started)
+
+    async def _tee(
+        self,
+        spec: RouteSpec,
+        upstream: httpx.Response,
+        started: float,
+        target: StoreTarget,
+        *,
+        hide_usage: bool,
+    ) -> AsyncGenerator[bytes, None]:
+        """Relay a cacheable stream event by event and store it once it finished normally."""
+        reader = EventReader()
+        assembler = StreamAssembler(spec.name)
+        try:
+            async for chunk in self._engine.iter_stream(upstream):
+                out: list[bytes] = []
+                for event in reader.feed(chunk):
+                    kind = "chunk" if event.data is None else assembler.feed(event.data)
+                    if kind == "usage" and hide_usage:
+                        continue  # we asked for it, the client did not
+                    if kind == "done":
+                        if out:
+                            yield b"".join(out)
+                            out = []
+                        # Owned by this response and awaited before `[DONE]`: a client that saw
+                        # the whole answer can rely on the next identical request being a hit.
+                        await self._store_stream(spec, assembler, target, started)
+                    out.append(event.raw)
+                if out:
+                    yield b"".join(out)
+        except EngineError as exc:
+            log.warning("engine stream broke off: %s", exc.message)
+            yield _error_event(exc)
+            return
+        if not assembler.done:
+            log.warning("engine stream ended without [DONE]")
+            yield _error_event(EngineProtocolError("the engine's stream ended before [DONE]"))
+
+    async def _store_stream(
+        self, spec: RouteSpec, assembler: StreamAssembler, target: StoreTarget, started: float
+    ) -> None:
+        self._observe(spec, started)
+        answer = assembler.result()
+        if answer is None:
+            return
+        self.engine_tokens.count(answer)
+        await self._store(target, orjson.dumps(answer), answer)
+
+    def _observe(self, spec: RouteSpec, started: float) -> None:
+        if self._observe_engine is not None:
+            self._observe_engine(spec.name, time.perf_counter() - started)

@@ -68,12 +68,14 @@ CACHED = Decision(lookup=True, store=True)
         pytest.param(
             body(temperature=0, n=2), NO_CONTROL, True, Decision(False, False, "n>1"), id="n-2"
         ),
+        # Streams are cached like any answer: reassembled on the way in, replayed on the way out.
+        pytest.param(body(temperature=0, stream=True), NO_CONTROL, True, CACHED, id="stream"),
         pytest.param(
-            body(temperature=0, stream=True),
+            body(temperature=0.7, stream=True),
             NO_CONTROL,
             True,
-            Decision(False, False, "stream"),
-            id="stream",
+            Decision(False, False, "nondeterministic"),
+            id="sampled-stream",
         ),
         pytest.param(
             body(temperature=0),

@@ -19,9 +19,11 @@ from config import Settings
 from engine import EngineClient
 from engine.fake import FakeEngine
 from gateway import create_app
+from tests.asgi_stream import StreamingASGITransport
 from tests.clock import FakeClock
 
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 MODEL = "strata-fake"
 
 
@@ -43,6 +45,8 @@ class Harness:
     chain: CacheChain
     registry: CollectorRegistry
     settings: Settings
+    # With `streaming=True`: both hops stream like real connections (see tests.asgi_stream).
+    engine_link: StreamingASGITransport | None = None
 
     def engine_calls(self, path: str = CHAT) -> int:
         return self.engine.calls[path]
@@ -68,6 +72,7 @@ async def gateway(
     read_timeout: float = 5.0,
     semantic: SemanticCache | None = None,
     clock: FakeClock | None = None,
+    streaming: bool = False,
     **settings: Any,
 ) -> AsyncIterator[Harness]:
     clock = clock or FakeClock()
@@ -75,10 +80,11 @@ async def gateway(
     chain = CacheChain(layers(clock), clock=clock)
     settings.setdefault("semantic", "off")  # L3 tests inject their own
     config = Settings(redis_enabled=False, **settings)
+    link = StreamingASGITransport(fake) if streaming else None
     client = EngineClient(
         "http://engine.test",
         read_timeout=read_timeout,
-        transport=engine_transport or httpx.ASGITransport(app=fake),
+        transport=engine_transport or link or httpx.ASGITransport(app=fake),
     )
     registry = CollectorRegistry()
     app = create_app(
@@ -88,10 +94,15 @@ async def gateway(
         async with (
             LifespanManager(app) as manager,
             httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=manager.app), base_url="http://strata.test"
+                transport=(
+                    StreamingASGITransport(manager.app)
+                    if streaming
+                    else httpx.ASGITransport(app=manager.app)
+                ),
+                base_url="http://strata.test",
             ) as http,
         ):
-            yield Harness(http, fake, clock, chain, registry, config)
+            yield Harness(http, fake, clock, chain, registry, config, link)
     finally:
         await client.aclose()
         await chain.aclose()

@@ -220,21 +220,6 @@ async def test_cache_disabled_bypasses_everything() -> None:
     assert gw.engine_calls() == 2
 
 
-async def test_stream_passes_through_as_sse_uncached() -> None:
-    body = chat_body(stream=True)
-    async with gateway() as gw:
-        first = await gw.chat(body)
-        second = await gw.chat(body)
-    assert first.status_code == 200
-    assert first.headers["content-type"].startswith("text/event-stream")
-    assert first.headers["x-strata-cache"] == second.headers["x-strata-cache"] == "bypass"
-    events = [line for line in first.text.split("\n\n") if line]
-    assert events[-1] == "data: [DONE]"
-    deltas = [orjson.loads(e[6:]) for e in events[:-1]]
-    assert all(d["object"] == "chat.completion.chunk" for d in deltas)
-    assert gw.engine_calls() == 2
-
-
 class BrokenLayer:
     """A layer whose backend is down: every operation raises."""
 
