@@ -110,18 +110,6 @@ async def test_async_client_and_completions(
             assert [m.id for m in models.data] == [MODEL]
 
 
-def test_streaming_passes_through(engine: Process, redis_server: RedisServer, prefix: str) -> None:
-    redis_server.start()
-    with running(gateway_process(engine.url, redis_server.url, prefix)) as gw:
-        client = sdk(gw)
-        stream = client.chat.completions.create(
-            model=MODEL, messages=QUESTION, temperature=0, stream=True
-        )
-        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-        _, whole = ask(client)
-        assert text == whole.choices[0].message.content
-
-
 def test_sdk_sees_openai_errors(engine: Process, redis_server: RedisServer, prefix: str) -> None:
     redis_server.start()
     with running(gateway_process(engine.url, redis_server.url, prefix)) as gw:
