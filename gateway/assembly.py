@@ -23,8 +23,8 @@ import orjson
 from gateway.sse import DONE
 
 Route = Literal["chat", "completions"]
-# What one event was: the flow strips `usage` events it asked for itself and stops at `done`.
-EventKind = Literal["chunk", "usage", "done", "error", "invalid"]
+# What one event was. `finish`: a chunk that finishes a choice; `usage`: the usage-only chunk.
+EventKind = Literal["chunk", "finish", "usage", "done", "error", "invalid"]
 
 CHUNK_FIELDS = frozenset(
     {"id", "object", "created", "model", "choices", "usage", "system_fingerprint", "service_tier"}
@@ -104,7 +104,11 @@ class StreamAssembler:
             self.failed = True
             return "invalid"
         choices = chunk["choices"]
-        return "usage" if not choices and isinstance(chunk.get("usage"), dict) else "chunk"
+        if not choices and isinstance(chunk.get("usage"), dict):
+            return "usage"
+        if any(choice.get("finish_reason") is not None for choice in choices):
+            return "finish"
+        return "chunk"
 
     def _take(self, chunk: dict[str, Any]) -> bool:
         choices = chunk.get("choices")

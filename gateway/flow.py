@@ -48,11 +48,11 @@ from config import Settings
 from engine import EngineClient, EngineError, upstream_error
 from engine.errors import EngineProtocolError
 from engine.isolation import cache_salt, salted_body
-from gateway.assembly import StreamAssembler
 from gateway.errors import APIError, error_payload
 from gateway.replay import ReplayError, replay
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_json_object, validate
-from gateway.sse import EventReader, EventStreamResponse, data_event
+from gateway.sse import EventStreamResponse, data_event
+from gateway.tee import StreamTee
 from gateway.tenants import TenantResolver
 
 log = logging.getLogger(__name__)
@@ -414,38 +414,30 @@ class CompletionService:
         hide_usage: bool,
     ) -> AsyncGenerator[bytes, None]:
         """Relay a cacheable stream event by event and store it once it finished normally."""
-        reader = EventReader()
-        assembler = StreamAssembler(spec.name)
+        tee = StreamTee(spec.name, hide_usage=hide_usage)
         try:
             async for chunk in self._engine.iter_stream(upstream):
-                out: list[bytes] = []
-                for event in reader.feed(chunk):
-                    kind = "chunk" if event.data is None else assembler.feed(event.data)
-                    if kind == "usage" and hide_usage:
-                        continue  # we asked for it, the client did not
-                    if kind == "done":
-                        if out:
-                            yield b"".join(out)
-                            out = []
-                        # Owned by this response and awaited before `[DONE]`: a client that saw
-                        # the whole answer can rely on the next identical request being a hit.
-                        await self._store_stream(spec, assembler, target, started)
-                    out.append(event.raw)
-                if out:
-                    yield b"".join(out)
+                now, after = tee.feed(chunk)
+                if now:
+                    yield now
+                if after:
+                    # Owned by this response and awaited before `[DONE]`: a client that saw the
+                    # whole answer can rely on the next identical request being a hit.
+                    await self._store_stream(spec, tee.answer(), target, started)
+                    yield after
         except EngineError as exc:
             log.warning("engine stream broke off: %s", exc.message)
-            yield _error_event(exc)
+            yield tee.flush() + _error_event(exc)
             return
-        if not assembler.done:
+        if not tee.done:
             log.warning("engine stream ended without [DONE]")
-            yield _error_event(EngineProtocolError("the engine's stream ended before [DONE]"))
+            error = EngineProtocolError("the engine's stream ended before [DONE]")
+            yield tee.flush() + _error_event(error)
 
     async def _store_stream(
-        self, spec: RouteSpec, assembler: StreamAssembler, target: StoreTarget, started: float
+        self, spec: RouteSpec, answer: dict[str, Any] | None, target: StoreTarget, started: float
     ) -> None:
         self._observe(spec, started)
-        answer = assembler.result()
         if answer is None:
             return
         self.engine_tokens.count(answer)

@@ -43,7 +43,7 @@ def vllm_chat_stream() -> list[bytes]:
 
 def test_a_vllm_chat_stream_becomes_its_non_streaming_answer() -> None:
     answer, kinds = assemble("chat", vllm_chat_stream())
-    assert kinds == ["chunk", "chunk", "chunk", "chunk", "usage", "done"]
+    assert kinds == ["chunk", "chunk", "chunk", "finish", "usage", "done"]
     assert answer == {
         "id": "chatcmpl-1",
         "object": "chat.completion",
