@@ -19,6 +19,7 @@ closes the engine's stream (vLLM then aborts the generation) and stores nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -388,8 +389,13 @@ class CompletionService:
             if target is None
             else self._tee(spec, upstream, started, target, hide_usage=ask_usage)
         )
+
+        async def close() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                await upstream.aclose()
+
         # The response closes the engine's stream whatever happens, even before the first chunk.
-        return EventStreamResponse(events, headers=headers, on_close=upstream.aclose)
+        return EventStreamResponse(events, headers=headers, on_close=close)
 
     async def _relay(
         self, spec: RouteSpec, upstream: httpx.Response, started: float
@@ -426,6 +432,8 @@ class CompletionService:
                     await self._store_stream(spec, tee.answer(), target, started)
                     yield after
         except EngineError as exc:
+            if tee.done:
+                return  # after `[DONE]`: the answer was whole, the client has it all
             log.warning("engine stream broke off: %s", exc.message)
             yield tee.flush() + _error_event(exc)
             return

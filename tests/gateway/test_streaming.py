@@ -258,6 +258,25 @@ async def test_streams_that_did_not_end_normally_are_never_stored(events: tuple[
     assert stores == 0
 
 
+async def test_a_connection_reset_after_done_is_not_an_error() -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for event in (ROLE, STOP, b"[DONE]"):
+            yield b"data: " + event + b"\n\n"
+        raise httpx.ReadError("connection reset by peer")
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"})
+
+    async with gateway(engine_transport=httpx.MockTransport(handle)) as gw:
+        first = await gw.chat(chat_body(stream=True))
+        second = await gw.chat(chat_body(stream=True))
+    chunks, done = chunks_of(first)
+    assert done
+    assert "error" not in first.text
+    assert chat_text(chunks) == "Hi"
+    assert second.headers["x-strata-cache"] == "hit"
+
+
 async def test_a_stream_without_done_gets_an_error_event() -> None:
     async with gateway(engine_transport=scripted_engine(ROLE, STOP)) as gw:
         response = await gw.chat(chat_body(stream=True))
