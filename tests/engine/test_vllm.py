@@ -101,15 +101,63 @@ def test_cache_salt_keeps_tenants_apart(vllm_stack: Stack) -> None:
     assert cached_tokens(b_again) > 0
 
 
-def test_stream_passes_through_with_the_same_text(vllm_stack: Stack) -> None:
+def streamed(c: openai.OpenAI, messages, **params):  # type: ignore[no-untyped-def]
+    """The X-Strata-Cache header and the concatenated text of one streamed answer."""
+    raw = c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=24, stream=True, **params
+    )
+    chunks = list(raw.parse())
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    return raw.headers["x-strata-cache"], text, chunks
+
+
+def test_stream_is_stored_and_replayed_with_identical_text(vllm_stack: Stack) -> None:
     c = client(vllm_stack)
     messages = [{"role": "user", "content": f"Say hello. ({uuid.uuid4().hex[:6]})"}]
+    before = engine_answers(vllm_stack)
+    miss, live, live_chunks = streamed(c, messages)
+    hit, replayed, chunks = streamed(c, messages, stream_options={"include_usage": True})
+    assert (miss, hit) == ("miss", "hit")
+    assert live
+    assert replayed == live
+    # The usage chunk the gateway asked for is hidden, and the fingerprint vLLM put on it is on
+    # the finish chunk, where vLLM puts it when the client streams without usage.
+    assert all(chunk.choices for chunk in live_chunks)
+    assert live_chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert live_chunks[-1].system_fingerprint is not None
+    assert {chunk.system_fingerprint for chunk in chunks} == {live_chunks[-1].system_fingerprint}
+    # vLLM reported usage to the gateway although this client's first stream did not ask for it.
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens > 0
+    headers, _, whole = chat(c, messages, max_tokens=24)
+    assert headers["x-strata-cache"] == "hit"
+    assert whole.choices[0].message.content == live
+    assert engine_answers(vllm_stack) == before + 1  # one generation served all three
+
+
+def test_client_disconnect_aborts_the_generation(vllm_stack: Stack) -> None:
+    c = client(vllm_stack)
+    messages = [{"role": "user", "content": f"Count to one thousand. ({uuid.uuid4().hex[:6]})"}]
     stream = c.chat.completions.create(
-        model=MODEL, messages=messages, temperature=0, max_tokens=12, stream=True
-    )
-    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-    _, _, whole = chat(c, messages)
-    assert text == whole.choices[0].message.content
+        model=MODEL, messages=messages, temperature=0, max_tokens=2000, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    for number, _ in enumerate(stream, 1):
+        if number == 3:
+            break
+    running = vllm_stack.engine_counter("vllm:num_requests_running")
+    stream.close()
+    deadline = time.monotonic() + 60
+    while vllm_stack.engine_counter("vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "vLLM kept generating for a client that left"
+        time.sleep(0.2)
+    assert running == 1  # it was generating when the client left
+    again = c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=2000, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert again.headers["x-strata-cache"] == "miss"  # nothing was stored
+    again.http_response.close()
 
 
 def test_zz_engine_crash_is_restarted(vllm_stack: Stack) -> None:
