@@ -10,7 +10,7 @@ ENGINE_VENV ?= .venv-engine
 DATA_DIR ?= $(or $(STRATA_DATA_DIR),$(CURDIR)/.run)
 PYTEST_ARGS ?=
 
-.PHONY: help venv engine test lint format serve serve-fake bench-hit clean
+.PHONY: help venv engine test lint format serve serve-fake bench-hit bench-stream clean
 
 help:
 	@echo "make serve       Redis + vLLM (CPU unless a GPU is found) with the default model + gateway"
@@ -19,6 +19,7 @@ help:
 	@echo "make test        install what the suite needs, then run the whole suite"
 	@echo "make lint        ruff + mypy --strict"
 	@echo "make bench-hit   hit-path benchmark (bare Starlette vs L1 vs L2), writes docs/benchmarks.md"
+	@echo "make bench-stream  streaming TTFB (gateway vs engine) and replay rate, printed"
 
 # The CPU build of torch goes first (a local wheel on these machines): otherwise the semantic
 # extra's sentence-transformers would pull the CUDA build and its several GB of packages.
@@ -71,6 +72,9 @@ bench-hit: $(STAMP)
 	./scripts/ensure-redis.sh
 	./scripts/ensure-apt.sh wrk:wrk
 	$(BIN)/python -m bench.hit_path --out docs/benchmarks.md
+
+bench-stream: $(STAMP)
+	$(BIN)/python -m bench.stream_ttfb
 
 clean:
 	rm -rf $(VENV) $(ENGINE_VENV) .run .pytest_cache .mypy_cache .ruff_cache
