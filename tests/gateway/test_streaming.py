@@ -12,6 +12,7 @@ import pytest
 
 from engine.fake import FakeEngine
 from tests.gateway.harness import CHAT, COMPLETIONS, MODEL, chat_body, gateway
+from tests.gateway.test_semantic_flow import PARAPHRASE, QUESTION, auth, with_l3
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
 
@@ -314,3 +315,19 @@ async def test_a_client_gone_during_the_first_token_wait_cancels_the_engine() ->
         assert gw.engine_link is not None
         await asyncio.wait_for(gw.engine_link.idle(), 10)
     assert engine.cancelled == 1
+
+
+async def test_a_streamed_miss_feeds_l3_and_an_l3_hit_streams() -> None:
+    async with with_l3() as gw:
+        streamed = await gw.chat(chat_body(QUESTION, stream=True), headers=auth())
+        plain = await gw.chat(chat_body(PARAPHRASE), headers=auth())
+        replayed = await gw.chat(
+            chat_body("reset my password how do i", stream=True), headers=auth()
+        )
+    assert streamed.headers["x-strata-cache"] == "miss"
+    assert (plain.headers["x-strata-cache"], plain.headers["x-strata-layer"]) == ("hit", "l3")
+    text = chat_text(chunks_of(streamed)[0])
+    assert plain.json()["choices"][0]["message"]["content"] == text
+    assert (replayed.headers["x-strata-cache"], replayed.headers["x-strata-layer"]) == ("hit", "l3")
+    assert chat_text(chunks_of(replayed)[0]) == text
+    assert gw.engine_calls() == 1
