@@ -1,6 +1,6 @@
 """Talking to (and, later, launching) the inference engine. Depends only on `config`."""
 
-from engine.client import EngineClient, EngineResponse, map_transport_error
+from engine.client import EngineClient, EngineResponse
 from engine.errors import (
     EngineError,
     EngineProtocolError,
@@ -8,6 +8,8 @@ from engine.errors import (
     EngineUnavailable,
     upstream_error,
 )
+from engine.httpx_transport import map_transport_error
+from engine.transport import Timeouts, UpstreamResponse
 
 __all__ = [
     "EngineClient",
@@ -16,6 +18,8 @@ __all__ = [
     "EngineResponse",
     "EngineTimeout",
     "EngineUnavailable",
+    "Timeouts",
+    "UpstreamResponse",
     "map_transport_error",
     "upstream_error",
 ]

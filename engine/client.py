@@ -1,25 +1,23 @@
 """The gateway's connection to one OpenAI-compatible engine (vLLM).
 
-Guarantees: one pooled `httpx.AsyncClient` per engine URL, owned and closed by this object; every
+Guarantees: one pool of keep-alive connections per engine URL (`engine.http11`, or, when an httpx
+transport is injected, `engine.httpx_transport` over it), owned and closed by this object; every
 request has connect, read, write and pool timeouts; transport failures surface as `EngineError`
-subclasses (503 unreachable, 504 too slow, 502 broken) and never as raw httpx exceptions; HTTP
-answers of any status are handed back as they came, for the caller to pass through or map with
-`engine.errors.upstream_error`.
+subclasses (503 unreachable, 504 too slow, 502 broken) and never as a transport's own exceptions;
+HTTP answers of any status are handed back as they came, for the caller to pass through or map
+with `engine.errors.upstream_error`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 
-from engine.errors import (
-    EngineError,
-    EngineProtocolError,
-    EngineTimeout,
-    EngineUnavailable,
-)
+from engine.errors import EngineError
+from engine.http11 import ConnectionPool
+from engine.httpx_transport import HttpxTransport
+from engine.transport import Timeouts, Transport, UpstreamResponse
 
 JSON = "application/json"
 
@@ -29,17 +27,6 @@ class EngineResponse:
     status: int
     body: bytes
     content_type: str
-
-
-def map_transport_error(exc: httpx.HTTPError) -> EngineError:
-    """The one place httpx's failures become ours."""
-    if isinstance(exc, httpx.TimeoutException):
-        if isinstance(exc, httpx.ConnectTimeout):
-            return EngineUnavailable(f"the engine did not accept a connection in time ({exc})")
-        return EngineTimeout(f"the engine did not answer in time ({type(exc).__name__})")
-    if isinstance(exc, httpx.ConnectError):
-        return EngineUnavailable(f"the engine is unreachable ({exc})")
-    return EngineProtocolError(f"the engine connection failed ({type(exc).__name__}: {exc})")
 
 
 class EngineClient:
@@ -54,70 +41,52 @@ class EngineClient:
         api_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport`: reach the engine through this httpx transport (an ASGI app in process,
+        a mock) instead of over the network."""
         self.base_url = base_url.rstrip("/")
         headers = {"content-type": JSON, "accept": JSON}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._health_timeout = health_timeout
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=connect_timeout,
-                read=read_timeout,
-                write=read_timeout,
-                pool=connect_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            transport=transport,
-            # The gateway talks to the engine it was pointed at, never through an env proxy.
-            trust_env=False,
+        timeouts = Timeouts(
+            connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
         )
+        self._transport: Transport
+        if transport is None:
+            self._transport = ConnectionPool(
+                self.base_url, timeouts=timeouts, max_connections=max_connections, headers=headers
+            )
+        else:
+            self._transport = HttpxTransport(
+                transport,
+                self.base_url,
+                timeouts=timeouts,
+                max_connections=max_connections,
+                headers=headers,
+            )
 
     async def post(self, path: str, body: bytes) -> EngineResponse:
         """POST a JSON body and read the whole answer."""
-        try:
-            response = await self._client.post(path, content=body)
-        except httpx.HTTPError as exc:
-            raise map_transport_error(exc) from exc
-        return EngineResponse(
-            status=response.status_code,
-            body=response.content,
-            content_type=response.headers.get("content-type", JSON),
-        )
+        return await self._whole("POST", path, body)
 
-    async def open_stream(self, path: str, body: bytes) -> httpx.Response:
+    async def open_stream(self, path: str, body: bytes) -> UpstreamResponse:
         """POST and return the response with its body unread. The caller must `aclose()` it."""
-        request = self._client.build_request("POST", path, content=body)
-        try:
-            return await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise map_transport_error(exc) from exc
-
-    @staticmethod
-    async def iter_stream(response: httpx.Response) -> AsyncIterator[bytes]:
-        """The raw bytes of an open stream as they arrive; transport failures as `EngineError`."""
-        try:
-            async for chunk in response.aiter_raw():
-                yield chunk
-        except httpx.HTTPError as exc:
-            raise map_transport_error(exc) from exc
+        return await self._transport.request("POST", path, body)
 
     async def get(self, path: str, *, deadline: float | None = None) -> EngineResponse:
         """GET `path`; `deadline` (seconds) replaces the client's timeouts for this call."""
+        timeouts = Timeouts.all(deadline) if deadline is not None else None
+        return await self._whole("GET", path, None, timeouts)
+
+    async def _whole(
+        self, method: str, path: str, body: bytes | None, timeouts: Timeouts | None = None
+    ) -> EngineResponse:
+        response = await self._transport.request(method, path, body, timeouts=timeouts)
         try:
-            response = await self._client.get(
-                path, timeout=deadline if deadline is not None else httpx.USE_CLIENT_DEFAULT
-            )
-        except httpx.HTTPError as exc:
-            raise map_transport_error(exc) from exc
-        return EngineResponse(
-            status=response.status_code,
-            body=response.content,
-            content_type=response.headers.get("content-type", JSON),
-        )
+            content = await response.read()
+        finally:
+            await response.aclose()
+        return EngineResponse(response.status, content, response.content_type or JSON)
 
     async def models(self) -> EngineResponse:
         return await self.get("/v1/models", deadline=self._health_timeout)
@@ -133,4 +102,4 @@ class EngineClient:
         return response.status == 200
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()

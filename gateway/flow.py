@@ -19,7 +19,6 @@ closes the engine's stream (vLLM then aborts the generation) and stores nothing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -28,7 +27,6 @@ from dataclasses import dataclass
 from secrets import token_bytes
 from typing import Any, Literal
 
-import httpx
 import orjson
 from starlette.responses import Response
 
@@ -46,7 +44,7 @@ from caches import (
 from caches.semantic import SemanticCache, Vector
 from caches.semantic_scope import SemanticScope, semantic_scope
 from config import Settings
-from engine import EngineClient, EngineError, upstream_error
+from engine import EngineClient, EngineError, UpstreamResponse, upstream_error
 from engine.errors import EngineProtocolError
 from engine.isolation import cache_salt, salted_body
 from gateway.errors import APIError, error_payload
@@ -370,14 +368,14 @@ class CompletionService:
             )
         except EngineError as exc:
             raise APIError.from_engine(exc) from exc
-        if upstream.status_code != 200:
+        if upstream.status != 200:
             try:
-                content = await upstream.aread()
-            except httpx.HTTPError:
+                content = await upstream.read()
+            except EngineError:
                 content = b""
             finally:
                 await upstream.aclose()
-            raise APIError.from_engine(upstream_error(upstream.status_code, content))
+            raise APIError.from_engine(upstream_error(upstream.status, content))
         timings = (*timings, ("engine", time.perf_counter() - started))
         outcome = "bypass" if reason in BYPASS_REASONS else "miss"
         self.outcomes[(spec.name, 200, outcome)] += 1
@@ -390,19 +388,15 @@ class CompletionService:
             else self._tee(spec, upstream, started, target, hide_usage=ask_usage)
         )
 
-        async def close() -> None:
-            with contextlib.suppress(httpx.HTTPError):
-                await upstream.aclose()
-
         # The response closes the engine's stream whatever happens, even before the first chunk.
-        return EventStreamResponse(events, headers=headers, on_close=close)
+        return EventStreamResponse(events, headers=headers, on_close=upstream.aclose)
 
     async def _relay(
-        self, spec: RouteSpec, upstream: httpx.Response, started: float
+        self, spec: RouteSpec, upstream: UpstreamResponse, started: float
     ) -> AsyncGenerator[bytes, None]:
         """Pass an uncached stream through byte for byte, as it arrives."""
         try:
-            async for chunk in self._engine.iter_stream(upstream):
+            async for chunk in upstream:
                 yield chunk
         except EngineError as exc:
             log.warning("engine stream broke off: %s", exc.message)
@@ -413,7 +407,7 @@ class CompletionService:
     async def _tee(
         self,
         spec: RouteSpec,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         started: float,
         target: StoreTarget,
         *,
@@ -422,7 +416,7 @@ class CompletionService:
         """Relay a cacheable stream event by event and store it once it finished normally."""
         tee = StreamTee(spec.name, hide_usage=hide_usage)
         try:
-            async for chunk in self._engine.iter_stream(upstream):
+            async for chunk in upstream:
                 now, after = tee.feed(chunk)
                 if now:
                     yield now
