@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from config import Settings
 from engine import EngineClient
 from engine.fake import FakeEngine
 from gateway import create_app
+from tests.asgi_server import served
 from tests.asgi_stream import StreamingASGITransport
 from tests.clock import FakeClock
 
@@ -73,26 +74,36 @@ async def gateway(
     semantic: SemanticCache | None = None,
     clock: FakeClock | None = None,
     streaming: bool = False,
+    engine_over_tcp: bool = False,
     **settings: Any,
 ) -> AsyncIterator[Harness]:
+    """`streaming`: both hops stream like real connections. `engine_over_tcp`: the fake engine is
+    served on a loopback socket and reached with the gateway's own HTTP client, as in production.
+    """
     clock = clock or FakeClock()
     fake = engine or FakeEngine(model=MODEL)
     chain = CacheChain(layers(clock), clock=clock)
     settings.setdefault("semantic", "off")  # L3 tests inject their own
     config = Settings(redis_enabled=False, **settings)
-    link = StreamingASGITransport(fake) if streaming else None
-    client = EngineClient(
-        "http://engine.test",
-        read_timeout=read_timeout,
-        transport=engine_transport or link or httpx.ASGITransport(app=fake),
-    )
-    registry = CollectorRegistry()
-    app = create_app(
-        config, engine=client, cache=chain, registry=registry, clock=clock, semantic=semantic
-    )
-    try:
-        async with (
-            LifespanManager(app) as manager,
+    link = StreamingASGITransport(fake) if streaming and not engine_over_tcp else None
+    async with AsyncExitStack() as stack:
+        if engine_over_tcp:
+            url = await stack.enter_async_context(served(fake))
+            client = EngineClient(url, read_timeout=read_timeout)
+        else:
+            client = EngineClient(
+                "http://engine.test",
+                read_timeout=read_timeout,
+                transport=engine_transport or link or httpx.ASGITransport(app=fake),
+            )
+        stack.push_async_callback(chain.aclose)
+        stack.push_async_callback(client.aclose)
+        registry = CollectorRegistry()
+        app = create_app(
+            config, engine=client, cache=chain, registry=registry, clock=clock, semantic=semantic
+        )
+        manager = await stack.enter_async_context(LifespanManager(app))
+        http = await stack.enter_async_context(
             httpx.AsyncClient(
                 transport=(
                     StreamingASGITransport(manager.app)
@@ -100,9 +111,6 @@ async def gateway(
                     else httpx.ASGITransport(app=manager.app)
                 ),
                 base_url="http://strata.test",
-            ) as http,
-        ):
-            yield Harness(http, fake, clock, chain, registry, config, link)
-    finally:
-        await client.aclose()
-        await chain.aclose()
+            )
+        )
+        yield Harness(http, fake, clock, chain, registry, config, link)

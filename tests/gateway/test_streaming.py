@@ -317,6 +317,43 @@ async def test_a_client_gone_during_the_first_token_wait_cancels_the_engine() ->
     assert engine.cancelled == 1
 
 
+@pytest.mark.parametrize("temperature", [0, 0.7], ids=["cached", "relayed"])
+async def test_streams_from_an_engine_over_tcp(temperature: float) -> None:
+    engine = FakeEngine(model=MODEL, answer_bytes=600, chunk_delay=0.001)
+    body = chat_body(stream=True, temperature=temperature)
+    async with gateway(engine=engine, engine_over_tcp=True) as gw:
+        first = await gw.chat(body)
+        second = await gw.chat(body)
+        whole = await gw.chat(chat_body("something else"))
+    live, done = chunks_of(first)
+    assert done
+    assert len(chat_text(live)) >= 500
+    assert first.headers["x-strata-cache"] == "miss"
+    assert second.headers["x-strata-cache"] == ("hit" if temperature == 0 else "miss")
+    assert chunks_of(second)[1]
+    assert whole.json()["choices"][0]["message"]["content"]
+    assert engine.completed_streams == (1 if temperature == 0 else 2)
+
+
+async def test_a_client_gone_cancels_an_engine_over_tcp() -> None:
+    engine = FakeEngine(model=MODEL, answer_bytes=4000, chunk_delay=0.01)
+    async with gateway(engine=engine, engine_over_tcp=True, streaming=True) as gw:
+        async with gw.client.stream("POST", CHAT, json=chat_body(stream=True)) as response:
+            received = []
+            async for piece in response.aiter_raw():
+                received.append(piece)
+                if len(received) == 3:
+                    break
+        async with asyncio.timeout(10):
+            while engine.cancelled == 0:
+                await asyncio.sleep(0.01)
+        engine.chunk_delay = 0
+        again = await gw.chat(chat_body(stream=True))
+    assert engine.completed_streams == 1
+    assert again.headers["x-strata-cache"] == "miss"  # the abandoned stream was not stored
+    assert chunks_of(again)[1]
+
+
 async def test_a_streamed_miss_feeds_l3_and_an_l3_hit_streams() -> None:
     async with with_l3() as gw:
         streamed = await gw.chat(chat_body(QUESTION, stream=True), headers=auth())
