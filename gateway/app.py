@@ -89,7 +89,11 @@ async def build_semantic(settings: Settings, clock: Callable[[], float]) -> Sema
     verifier = Verifier.default()
     floor = settings.semantic_min_similarity
     return SemanticCache(
-        batcher=EmbeddingBatcher(embedder),
+        batcher=EmbeddingBatcher(
+            embedder,
+            max_batch=settings.semantic_batch_size,
+            max_wait=settings.semantic_batch_wait_ms / 1000,
+        ),
         verifier=verifier,
         index=VectorIndex(
             embedder.dimension,
@@ -100,6 +104,7 @@ async def build_semantic(settings: Settings, clock: Callable[[], float]) -> Sema
         store=store,
         min_similarity=verifier.min_similarity if floor is None else floor,
         candidates=settings.semantic_candidates,
+        token_cache=settings.semantic_token_cache,
         store_timeout=settings.redis_timeout,
         clock=clock,
     )

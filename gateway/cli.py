@@ -214,7 +214,7 @@ def _semantic_eval(args: argparse.Namespace) -> int:
         raise _fail(f"{args.pairs}: no such file", 1)
     report = evaluate(
         args.pairs,
-        embedder_encode=embedder.encode,
+        embed=embedder.embed_many,
         verifier=None if args.no_verifier else Verifier.default(),
         threshold=args.threshold,
     )

@@ -41,7 +41,8 @@ from caches import (
     storable,
     usage_tokens,
 )
-from caches.semantic import SemanticCache, Vector
+from caches.embedder import Embedding
+from caches.semantic import SemanticCache
 from caches.semantic_scope import SemanticScope, semantic_scope
 from config import Settings
 from engine import EngineClient, EngineError, UpstreamResponse, upstream_error
@@ -138,7 +139,7 @@ class StoreTarget:
     key: CacheKey
     ttl: int | None
     scope: SemanticScope | None
-    vector: Vector | None
+    embedding: Embedding | None
 
 
 class CompletionService:
@@ -229,10 +230,10 @@ class CompletionService:
         scope = (
             self._semantic_scope(spec, body, tenant) if decision.lookup or decision.store else None
         )
-        vector: Vector | None = None
+        embedding: Embedding | None = None
         if scope is not None and decision.lookup and self._semantic is not None:
             started = time.perf_counter()
-            near, vector = await self._semantic.lookup(scope)
+            near, embedding = await self._semantic.lookup(scope)
             timings = (*timings, ("l3", time.perf_counter() - started))
             if near is not None and (
                 control.max_age is None or near.value.age(self._clock()) <= control.max_age
@@ -245,7 +246,7 @@ class CompletionService:
 
         target = None
         if decision.store and key is not None:
-            target = StoreTarget(key, control.ttl, scope, vector)
+            target = StoreTarget(key, control.ttl, scope, embedding)
         answer = self._stream if stream else self._answer
         return await answer(spec, body, raw, tenant, reason=decision.reason, target=target,
                             timings=timings)  # fmt: skip
@@ -345,7 +346,7 @@ class CompletionService:
         )
         await self._chain.set(target.key, value)
         if target.scope is not None and self._semantic is not None:
-            await self._semantic.store(target.scope, target.key, value, target.vector)
+            await self._semantic.store(target.scope, target.key, value, target.embedding)
 
     async def _stream(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
+import numpy as np
 import pytest
 
 from caches.base import CachedResponse, CacheKey
@@ -14,7 +15,7 @@ from caches.semantic import SemanticCache
 from caches.semantic_scope import SemanticScope
 from caches.semantic_store import SemanticStore
 from caches.vector_index import VectorIndex
-from tests.caches.semantic_fakes import CosineVerifier
+from tests.caches.semantic_fakes import CosineVerifier, TokenReadingVerifier
 from tests.clock import FakeClock
 from tests.redisproc import RedisServer
 
@@ -41,9 +42,12 @@ async def factory(clock: FakeClock) -> AsyncIterator[Factory]:
     made: list[SemanticCache] = []
 
     def make(
-        store: SemanticStore | None = None, verifier: CosineVerifier | None = None
+        store: SemanticStore | None = None,
+        verifier: CosineVerifier | None = None,
+        token_cache: int = 2048,
     ) -> SemanticCache:
         cache = SemanticCache(
+            token_cache=token_cache,
             batcher=EmbeddingBatcher(HashingEmbedder(DIM)),
             verifier=verifier or CosineVerifier(0.95),
             index=VectorIndex(DIM, clock=clock),
@@ -66,12 +70,12 @@ async def test_paraphrase_in_the_same_partition_is_a_hit(
     cache = factory()
     stored_scope = SemanticScope("p", "how do i reset my password")
     await cache.store(stored_scope, key(1), answer(clock), None)
-    hit, vector = await cache.lookup(SemanticScope("p", "my password how do i reset"))
+    hit, embedding = await cache.lookup(SemanticScope("p", "my password how do i reset"))
     assert hit is not None
     assert hit.entry_id == key(1).digest
     assert hit.similarity == pytest.approx(1.0, abs=1e-4)
-    assert vector is not None
-    assert vector.shape == (DIM,)
+    assert embedding is not None
+    assert embedding.vector.shape == (DIM,)
     assert cache.counters.hits == 1
 
 
@@ -95,6 +99,25 @@ async def test_verifier_has_the_last_word(factory: Factory, clock: FakeClock) ->
     assert hit is None
     assert strict.calls == 1
     assert cache.counters.rejected == 1
+
+
+@pytest.mark.parametrize(("capacity", "embedded_again"), [(2048, 0), (0, 2)])
+async def test_cached_tokens_come_from_the_store_or_one_more_embedding(
+    factory: Factory, clock: FakeClock, capacity: int, embedded_again: int
+) -> None:
+    verifier = TokenReadingVerifier()
+    cache = factory(verifier=verifier, token_cache=capacity)
+    await cache.store(SemanticScope("p", "reset my password"), key(1), answer(clock), None)
+    for _ in range(2):
+        hit, _ = await cache.lookup(SemanticScope("p", "my password reset"))
+        assert hit is not None
+    assert cache.counters.token_misses == embedded_again
+    expected = HashingEmbedder(DIM).embed_many(["reset my password"])[0].tokens
+    assert expected is not None
+    for tokens in verifier.seen:
+        assert tokens is not None
+        np.testing.assert_array_equal(tokens.ids, expected.ids)
+        np.testing.assert_array_equal(tokens.vectors, expected.vectors)
 
 
 async def test_expired_answers_are_not_served(factory: Factory, clock: FakeClock) -> None:

