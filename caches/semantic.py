@@ -140,7 +140,7 @@ class SemanticCache:
         self._store_timeout = store_timeout
         self._clock = clock
         self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="strata-l3", initializer=single_threaded_search
+            max_workers=1, thread_name_prefix="strata-l3", initializer=self._prepare_worker
         )
         self._follower: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -149,6 +149,10 @@ class SemanticCache:
         self.similarities: list[float] = []  # of hits since the last scrape (drained by metrics)
 
     # --- worker-thread side: the only code that touches the index and the entry map ---
+
+    def _prepare_worker(self) -> None:
+        single_threaded_search()
+        self._batcher.embedder.prepare_thread()  # it embeds cached questions the LRU lost
 
     def _apply_add(self, entry: SemanticEntry, tokens: Tokens | None = None) -> None:
         if not entry.value.expired(self._clock()):

@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     # the model is idle; lookups that arrive while it is busy still go together in the next batch.
     semantic_batch_wait_ms: float = Field(default=0.0, ge=0, le=100)
     semantic_batch_size: int = Field(default=32, ge=1, le=1024)
+    # Threads the embedding model computes with; unset: one per core.
+    semantic_embed_threads: int | None = Field(default=None, ge=1, le=256)
     # Cached questions whose token vectors the verifier keeps at hand (~12 KiB each).
     semantic_token_cache: int = Field(default=2048, ge=0)
 

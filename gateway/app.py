@@ -76,7 +76,11 @@ async def build_semantic(settings: Settings, clock: Callable[[], float]) -> Sema
     from caches.vector_index import VectorIndex  # noqa: PLC0415
     from caches.verifier import Verifier  # noqa: PLC0415
 
-    embedder = await asyncio.to_thread(SentenceTransformerEmbedder, settings.semantic_model)
+    embedder = await asyncio.to_thread(
+        SentenceTransformerEmbedder,
+        settings.semantic_model,
+        threads=settings.semantic_embed_threads,
+    )
     store = None
     if settings.redis_enabled:
         store = SemanticStore(
