@@ -10,7 +10,7 @@ ENGINE_VENV ?= .venv-engine
 DATA_DIR ?= $(or $(STRATA_DATA_DIR),$(CURDIR)/.run)
 PYTEST_ARGS ?=
 
-.PHONY: help venv engine test lint format serve serve-fake bench-hit bench-stream clean
+.PHONY: help venv engine test lint format serve serve-fake bench-hit bench-stream bench-client clean
 
 help:
 	@echo "make serve       Redis + vLLM (CPU unless a GPU is found) with the default model + gateway"
@@ -20,6 +20,7 @@ help:
 	@echo "make lint        ruff + mypy --strict"
 	@echo "make bench-hit   hit-path benchmark (bare Starlette vs L1 vs L2), writes docs/benchmarks.md"
 	@echo "make bench-stream  streaming TTFB (gateway vs engine) and replay rate, printed"
+	@echo "make bench-client  CPU per streamed engine call: httpx vs httpcore vs engine.http11"
 
 # The CPU build of torch goes first (a local wheel on these machines): otherwise the semantic
 # extra's sentence-transformers would pull the CUDA build and its several GB of packages.
@@ -75,6 +76,9 @@ bench-hit: $(STAMP)
 
 bench-stream: $(STAMP)
 	$(BIN)/python -m bench.stream_ttfb
+
+bench-client: $(STAMP)
+	$(BIN)/python -m bench.engine_client
 
 clean:
 	rm -rf $(VENV) $(ENGINE_VENV) .run .pytest_cache .mypy_cache .ruff_cache

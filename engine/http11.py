@@ -387,7 +387,9 @@ class ConnectionPool:
         self._headers = "".join(f"{name}: {value}\r\n" for name, value in lines.items()).encode()
         self._timeouts = timeouts
         self._max = max_connections
-        self._idle: list[Connection] = []  # the most recently used last: it is the warmest
+        # The most recently used last: it is the warmest, and the oldest is the first the engine
+        # times out (vLLM closes connections idle for 5 s).
+        self._idle: deque[Connection] = deque()
         self._open = 0  # idle + in use + connecting
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
@@ -514,6 +516,9 @@ class ConnectionPool:
         else:
             connection.close()
             self._open -= 1
+        while self._idle and not self._idle[0].usable():  # closed by the engine while idle
+            self._idle.popleft().close()
+            self._open -= 1
         self._wake_one()
 
     def _wake_one(self) -> None:
@@ -526,7 +531,7 @@ class ConnectionPool:
     async def aclose(self) -> None:
         """Close the idle connections now and every other one as it comes back."""
         self._closed = True
-        idle, self._idle = self._idle, []
+        idle, self._idle = self._idle, deque()
         for connection in idle:
             connection.close()
         self._open -= len(idle)

@@ -14,9 +14,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from starlette.types import Receive, Scope, Send
 
 from caches import CacheChain, CacheLayer, MemoryCache, RedisCache
 from caches.redis_cache import connect
@@ -125,6 +127,23 @@ def build_engine(settings: Settings) -> EngineClient:
     )
 
 
+class GatewayApp(FastAPI):
+    """FastAPI, with the completion routes served in front of it (`gateway.fastpath`).
+
+    In front of all of it, not as a middleware inside: FastAPI's own per-request work (its
+    telemetry check reads three OpenTelemetry providers), Starlette's error middleware and the
+    body-limit middleware would otherwise run on every completion and wrap every `send` of a
+    stream.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._completions = CompletionRoutes(super().__call__)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._completions(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -194,7 +213,7 @@ def create_app(
                 )
             }
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Strata",
         summary="OpenAI-compatible caching gateway for vLLM",
         version="0.1.0",
@@ -203,6 +222,5 @@ def create_app(
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(admin.router)
-    app.add_middleware(CompletionRoutes)
     document_completion_routes(app)
     return app

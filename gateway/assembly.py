@@ -33,7 +33,7 @@ CHAT_CHOICE_FIELDS = frozenset({"index", "delta", "logprobs", "finish_reason", "
 TEXT_CHOICE_FIELDS = frozenset({"index", "text", "logprobs", "finish_reason", "stop_reason"})
 # Delta fields streamed as text pieces; `reasoning_content` (vLLM) and `reasoning` (newer vLLM).
 TEXT_DELTAS = ("content", "reasoning_content", "reasoning", "refusal")
-DELTA_FIELDS = frozenset({"role", "tool_calls", *TEXT_DELTAS})
+TEXT_DELTA_FIELDS = frozenset(TEXT_DELTAS)
 
 
 def is_empty(value: Any) -> bool:
@@ -86,7 +86,7 @@ class StreamAssembler:
         """Take one event's data; say what it was."""
         if self.done:
             return "invalid"
-        if data.strip() == DONE:
+        if len(data) < 16 and data.strip() == DONE:
             self.done = True
             return "done"
         try:
@@ -100,19 +100,20 @@ class StreamAssembler:
         if "error" in chunk:
             self.failed = True
             return "error"
-        if not self._take(chunk):
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not self._take(chunk):
             self.failed = True
             return "invalid"
-        choices = chunk["choices"]
         if not choices and isinstance(chunk.get("usage"), dict):
             return "usage"
-        if any(choice.get("finish_reason") is not None for choice in choices):
-            return "finish"
+        for choice in choices:
+            if choice.get("finish_reason") is not None:
+                return "finish"
         return "chunk"
 
     def _take(self, chunk: dict[str, Any]) -> bool:
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or unknown_fields(chunk, CHUNK_FIELDS):
+        # `keys() <= known` is one C call; the field-by-field look only when it fails.
+        if not chunk.keys() <= CHUNK_FIELDS and unknown_fields(chunk, CHUNK_FIELDS):
             return False
         if not self._head:
             self._head = {k: chunk.get(k) for k in ("id", "created", "model")}
@@ -123,13 +124,14 @@ class StreamAssembler:
             self._usage = usage
         elif usage is not None:
             return False
-        return all(self._take_choice(choice) for choice in choices)
+        return all(self._take_choice(choice) for choice in chunk["choices"])
 
     def _take_choice(self, choice: Any) -> bool:
         if not isinstance(choice, dict) or type(choice.get("index")) is not int:
             return False
         chat = self.route == "chat"
-        if unknown_fields(choice, CHAT_CHOICE_FIELDS if chat else TEXT_CHOICE_FIELDS):
+        known = CHAT_CHOICE_FIELDS if chat else TEXT_CHOICE_FIELDS
+        if not choice.keys() <= known and unknown_fields(choice, known):
             return False
         parts = self._choices.get(choice["index"])
         if parts is None:
@@ -177,24 +179,36 @@ def _take_text(parts: ChoiceParts, name: str, value: Any) -> bool:
         return True
     if not isinstance(value, str):
         return False
-    parts.texts.setdefault(name, []).append(value)
+    texts = parts.texts.get(name)
+    if texts is None:
+        parts.texts[name] = [value]
+    else:
+        texts.append(value)
     return True
 
 
 def _take_delta(parts: ChoiceParts, delta: dict[str, Any]) -> bool:
-    if unknown_fields(delta, DELTA_FIELDS):
-        return False
-    role = delta.get("role")
-    if role is not None:
-        if not isinstance(role, str):
+    """One pass over the delta's fields: text pieces, the role, tool calls; anything else must
+    be null or empty."""
+    for name, value in delta.items():
+        if value is None:
+            continue
+        if name in TEXT_DELTA_FIELDS:
+            if not _take_text(parts, name, value):
+                return False
+        elif name == "role":
+            if not isinstance(value, str):
+                return False
+            parts.role = value
+        elif name == "tool_calls":
+            if not isinstance(value, list):
+                return False
+            for call in value:
+                if not _take_tool_call(parts, call):
+                    return False
+        elif not is_empty(value):
             return False
-        parts.role = role
-    if not all(_take_text(parts, name, delta.get(name)) for name in TEXT_DELTAS):
-        return False
-    calls = delta.get("tool_calls")
-    if calls is None:
-        return True
-    return isinstance(calls, list) and all(_take_tool_call(parts, call) for call in calls)
+    return True
 
 
 def _take_tool_call(parts: ChoiceParts, call: Any) -> bool:

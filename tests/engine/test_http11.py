@@ -418,6 +418,27 @@ async def test_a_kept_alive_connection_closed_under_a_request_is_retried_once() 
     assert server.connections == 2
 
 
+async def test_an_idle_connection_the_engine_closed_is_replaced() -> None:
+    closed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(b"ok"))
+        await writer.drain()
+        if server.connections == 1:
+            writer.close()  # a keep-alive timeout: the engine drops the idle connection
+            closed.set()
+            return
+        await server.wait_for_eof(reader)
+
+    async with raw_server(handle) as server, pool_for(server, max_connections=1) as pool:
+        assert await fetch(pool) == b"ok"
+        await asyncio.wait_for(closed.wait(), 5)
+        await asyncio.sleep(0.05)  # the close reaches the client
+        assert await fetch(pool) == b"ok"
+    assert server.connections == 2
+
+
 async def test_closing_the_pool_closes_idle_connections_and_refuses_requests() -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

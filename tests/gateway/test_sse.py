@@ -7,6 +7,8 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.sse import DONE_EVENT, Event, EventReader, EventStreamResponse, data_event
 
@@ -70,6 +72,39 @@ def test_any_split_of_the_bytes_gives_the_same_events(stream: bytes) -> None:
     events = [e for i in range(len(stream)) for e in reader.feed(stream[i : i + 1])]
     assert [e.data for e in events] == whole
     assert b"".join(e.raw for e in events) + reader.pending == stream
+
+
+def framed_line_by_line(stream: bytes) -> tuple[list[Event], bytes]:
+    """The general framing (every line terminator), for comparison with the LF-only one."""
+    reader = EventReader()
+    reader._pending = stream
+    events = []
+    while (event := reader._next()) is not None:
+        events.append(event)
+    return events, reader.pending
+
+
+LF_PIECES = [
+    b"data: ",
+    b"data:",
+    b"data",
+    b": c",
+    b"id: 1",
+    b"x",
+    b"{}",
+    b" ",
+    b":",
+    b"\n",
+    b"\n\n",
+]
+
+
+@given(st.lists(st.sampled_from(LF_PIECES), max_size=30), st.integers(min_value=0, max_value=200))
+def test_lf_only_streams_frame_as_the_general_reader_does(pieces: list[bytes], cut: int) -> None:
+    stream = b"".join(pieces)
+    reader = EventReader()
+    events = reader.feed(stream[:cut]) + reader.feed(stream[cut:])
+    assert (events, reader.pending) == framed_line_by_line(stream)
 
 
 def test_raw_bytes_of_events_add_up_to_the_stream() -> None:
