@@ -98,6 +98,13 @@ class CacheChain:
             self._failing[layer.name] = False
             log.warning("cache layer %s recovered", layer.name)
 
+    async def start(self) -> None:
+        """Start the layers' background work (those that have any)."""
+        for layer in self.layers:
+            start = getattr(layer, "start", None)
+            if start is not None:
+                await start()
+
     def failing(self, name: str) -> bool:
         return self._failing[name]
 

@@ -5,7 +5,9 @@ msgpack records of `caches.codec`, checked against the key on read — a garbled
 wrong-key value is a miss and is deleted. Every command is bounded by the layer's timeout (socket
 timeouts here, the chain's deadline around each call) with at most one immediate retry on a broken
 connection, so a dead Redis costs a request at most about one timeout. Nothing here walks the
-keyspace with `KEYS`: `clear` and `stats` use `SCAN` over this layer's own prefix.
+keyspace with `KEYS`: `clear` and `stats` use `SCAN` over this layer's own prefix. With a
+`KeyPresence` mirror (`caches.presence`), a lookup of a key Redis does not hold is a miss without
+a round trip — only while the mirror is synced.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from caches.base import CachedResponse, CacheKey, CacheStats
 from caches.codec import CorruptEntry, decode, encode
+from caches.presence import KeyPresence
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +82,11 @@ class RedisCache:
         timeout: float,
         clock: Callable[[], float] = time.time,
         owns_client: bool = True,
+        presence: bool = False,
     ) -> None:
         self._redis = client
         self._prefix = f"{prefix}:x:"
+        self.presence = KeyPresence(client, self._prefix) if presence else None
         self.timeout: float | None = timeout
         self._clock = clock
         self._owns_client = owns_client
@@ -94,8 +99,14 @@ class RedisCache:
     def _rkey(self, key: CacheKey) -> str:
         return self._prefix + key.digest
 
+    async def start(self) -> None:
+        if self.presence is not None:
+            await self.presence.start()
+
     async def get(self, key: CacheKey) -> CachedResponse | None:
         rkey = self._rkey(key)
+        if self.presence is not None and self.presence.absent(rkey):
+            return None
         try:
             # execute_command: `get` adds an argument-deprecation wrapper to every hit.
             data = await self._redis.execute_command("GET", rkey)  # type: ignore[no-untyped-call]
@@ -126,7 +137,10 @@ class RedisCache:
         ttl = math.ceil(value.expires_at - self._clock())
         if ttl <= 0:
             return
-        await self._redis.set(self._rkey(key), encode(key, value), ex=ttl)
+        rkey = self._rkey(key)
+        await self._redis.set(rkey, encode(key, value), ex=ttl)
+        if self.presence is not None:
+            self.presence.add(rkey)  # visible to this process at once, not one hop later
 
     async def delete(self, key: CacheKey) -> bool:
         return bool(await self._redis.unlink(self._rkey(key)))
@@ -152,5 +166,7 @@ class RedisCache:
             return False
 
     async def aclose(self) -> None:
+        if self.presence is not None:
+            await self.presence.aclose()
         if self._owns_client:
             await self._redis.aclose()

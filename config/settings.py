@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     redis_timeout: float = Field(default=0.05, gt=0, description="per-operation, seconds")
     redis_max_connections: int = Field(default=256, ge=1)
     redis_key_prefix: str = Field(default="strata", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    # Mirror which L2 keys exist (Redis CLIENT TRACKING, broadcast mode), so that a miss does not
+    # wait on a Redis round trip. Off: every L1 miss asks Redis.
+    redis_presence: bool = True
 
     # --- L3 semantic cache ---
     # auto: on when its packages are installed. Off by default until the verifier meets its

@@ -59,6 +59,7 @@ def build_chain(settings: Settings, *, clock: Callable[[], float] = time.time) -
                 prefix=settings.redis_key_prefix,
                 timeout=settings.redis_timeout,
                 clock=clock,
+                presence=settings.redis_presence,
             )
         )
     return CacheChain(layers, clock=clock)
@@ -174,6 +175,7 @@ def create_app(
             if chain is None:
                 chain = build_chain(settings, clock=clock)
                 stack.push_async_callback(chain.aclose)
+                await chain.start()
             metrics_registry = registry
             if metrics_registry is None:
                 metrics_registry = CollectorRegistry()

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from caches import CacheChain, MemoryCache
+from caches import CacheChain, MemoryCache, RedisCache
 from engine import EngineClient, EngineError
 from gateway.flow import CompletionService
 
@@ -161,6 +161,25 @@ class GatewayCollector(Collector):
                 size.add_metric([layer.name], float(layer.bytes))
         yield entries
         yield size
+
+        for layer in self._chain.layers:
+            presence = layer.presence if isinstance(layer, RedisCache) else None
+            if presence is None:
+                continue
+            yield GaugeMetricFamily(
+                "strata_l2_presence_synced",
+                "1 while the in-process list of L2 keys is in sync with Redis (misses skip the "
+                "Redis round trip), 0 while every L2 lookup asks Redis.",
+                value=1.0 if presence.synced else 0.0,
+            )
+            yield GaugeMetricFamily(
+                "strata_l2_presence_keys", "L2 keys in the in-process list.", value=len(presence)
+            )
+            yield CounterMetricFamily(
+                "strata_l2_presence_skipped_lookups",
+                "L2 lookups answered as misses from the in-process list, without asking Redis.",
+                value=presence.skips,
+            )
 
         tokens = self._service.engine_tokens
         yield CounterMetricFamily(

@@ -6,6 +6,7 @@ runs it against every layer. The real-server variants carry the `redis` marker.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import fakeredis
@@ -86,3 +87,21 @@ def layer(request: pytest.FixtureRequest) -> CacheLayer:
     """Every cache layer."""
     found: CacheLayer = request.getfixturevalue(f"{request.param}_layer")
     return found
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server that accepts connections and never answers: a hung Redis."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -284,24 +284,6 @@ async def test_works_again_after_a_restart_without_a_new_client(
     await redis_layer.set(key(1), after)
     assert await redis_layer.get(key(1)) == after
     assert await redis_layer.ping() is True
-
-
-@pytest.fixture
-async def silent_server() -> AsyncIterator[int]:
-    """A TCP server that accepts connections and never answers: a hung Redis."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_silent_redis_is_cut_by_the_socket_timeout(

@@ -127,3 +127,26 @@ async def test_metrics_is_prometheus_text() -> None:
     assert response.headers["content-type"].startswith("text/plain")
     assert "strata_cache_lookups_total" in response.text
     assert 'strata_cache_entries{layer="l1"} 1.0' in response.text
+
+
+async def test_l2_presence_is_reported_and_a_miss_skips_redis(redis_server) -> None:  # type: ignore[no-untyped-def]
+    redis_server.start()
+    prefix = f"presence-{free_port()}"
+
+    def layers(clock: FakeClock):  # type: ignore[no-untyped-def]
+        client = connect(redis_server.url, timeout=0.5, max_connections=4)
+        return [RedisCache(client, prefix=prefix, timeout=0.5, clock=clock, presence=True)]
+
+    async with gateway(layers=layers) as gw:
+        l2 = gw.chain.layers[0]
+        assert isinstance(l2, RedisCache)
+        assert l2.presence is not None
+        await gw.chain.start()
+        assert await l2.presence.wait_synced(5.0)
+        miss = await gw.chat()
+        hit = await gw.chat()
+        sample = gw.registry.get_sample_value
+        assert (miss.headers["x-strata-cache"], hit.headers["x-strata-layer"]) == ("miss", "l2")
+        assert sample("strata_l2_presence_synced") == 1
+        assert sample("strata_l2_presence_keys") == 1
+        assert sample("strata_l2_presence_skipped_lookups_total") == 1
