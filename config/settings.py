@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     storable_finish_reasons: frozenset[str] = FINISH_REASONS
     max_entry_bytes: ByteSize = Field(default=ByteSize(2 * 1024 * 1024), gt=0)
 
+    # Concurrent identical cacheable misses wait this long for the first one's answer before
+    # asking the engine themselves; 0 turns coalescing off.
+    coalesce_wait: float = Field(default=60.0, ge=0, description="seconds")
+
     # --- L1 ---
     l1_max_entries: int = Field(default=10_000, ge=0, description="0 disables L1")
     l1_max_bytes: ByteSize = Field(default=ByteSize(256 * 1024 * 1024), ge=0)

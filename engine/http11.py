@@ -287,14 +287,22 @@ class Response:
                     return b""
                 await connection.wait(self._read_timeout)
             return b""
+        except asyncio.CancelledError:
+            # Cancelled while waiting, every byte taken so far decoded and handed out: the
+            # stream can be read on, or closed, by its owner (`aclose`).
+            raise
         except BaseException:
             self._discard()
             raise
 
     async def read(self) -> bytes:
         parts = []
-        while data := await self.receive():
-            parts.append(data)
+        try:
+            while data := await self.receive():
+                parts.append(data)
+        except asyncio.CancelledError:
+            self._discard()  # a half-read whole body is of use to nobody
+            raise
         return b"".join(parts)
 
     async def aclose(self) -> None:

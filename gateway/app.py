@@ -197,6 +197,7 @@ def create_app(
                 observe_engine=metrics.observe_engine,
                 semantic=l3,
             )
+            stack.push_async_callback(service.aclose)
             engine_metrics = EngineMetrics(engine_client)
             collector = metrics.bind(service, chain, engine_metrics)
             stack.callback(metrics_registry.unregister, collector)

@@ -15,10 +15,19 @@ engine sends it; a cacheable one is reassembled on the way (`gateway.assembly`) 
 every layer, before `[DONE]` goes out — only when the engine finished it normally. An engine
 failure mid-stream becomes an OpenAI error event and stores nothing; a client that goes away
 closes the engine's stream (vLLM then aborts the generation) and stores nothing.
+
+Concurrent identical cacheable misses (same exact key, so same tenant) are coalesced
+(`gateway.coalesce`): the first asks the engine, the others wait for its complete answer — at
+most `coalesce_wait` seconds, after which they ask the engine themselves and store nothing — and
+get it as their own (`X-Strata-Cache: coalesced`), replayed as a stream if they asked for one. An
+engine error reaches every waiter and is not cached. The leader's engine call does not depend on
+its client: a non-streamed call runs in a task of its own, and a stream whose client goes away
+while others wait on it is read to the end in the background and stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -46,8 +55,10 @@ from caches.semantic import SemanticCache
 from caches.semantic_scope import SemanticScope, semantic_scope
 from config import Settings
 from engine import EngineClient, EngineError, UpstreamResponse, upstream_error
+from engine.client import EngineResponse
 from engine.errors import EngineProtocolError
 from engine.isolation import cache_salt, salted_body
+from gateway.coalesce import NO_ANSWER, Flight, Flights, Outcome
 from gateway.errors import APIError, error_payload
 from gateway.replay import ReplayError, replay
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_json_object, validate
@@ -140,6 +151,19 @@ class StoreTarget:
     ttl: int | None
     scope: SemanticScope | None
     embedding: Embedding | None
+    # The flight this request leads, when identical requests may wait on it.
+    flight: Flight | None = None
+
+
+class _Lease:
+    """Who closes an engine stream: the response, unless the relay handed it to a background
+    reader (its client left while others wait for the answer)."""
+
+    __slots__ = ("handed", "upstream")
+
+    def __init__(self, upstream: UpstreamResponse) -> None:
+        self.upstream = upstream
+        self.handed = False
 
 
 class CompletionService:
@@ -175,6 +199,33 @@ class CompletionService:
         self._observe_engine = observe_engine
         self._semantic = semantic
         self._semantic_max_chars = settings.semantic_max_chars
+        self._coalesce_wait = settings.coalesce_wait
+        self.flights = Flights()
+        # Engine calls that outlive their request (see the module); cancelled by `aclose`.
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, work: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not isinstance(exc, APIError):  # an APIError was an answer
+            log.error("background engine call failed", exc_info=exc)
+
+    async def aclose(self) -> None:
+        """Cancel the engine calls still running in the background (on shutdown)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _end(self, target: StoreTarget | None, outcome: Outcome) -> None:
+        if target is not None and target.flight is not None:
+            self.flights.end(target.key.digest, target.flight, outcome)
 
     def salt_of(self, tenant: str) -> str:
         salt = self._salts.get(tenant)
@@ -245,11 +296,52 @@ class CompletionService:
                     return hit
 
         target = None
-        if decision.store and key is not None:
-            target = StoreTarget(key, control.ttl, scope, embedding)
         answer = self._stream if stream else self._answer
+        if decision.store and key is not None:
+            flight = None
+            if self._coalesce_wait > 0:
+                flight, leads = self.flights.join(key.digest)
+                if not leads:
+                    return await self._follow(spec, body, raw, tenant, flight, timings=timings)
+            target = StoreTarget(key, control.ttl, scope, embedding, flight)
+        # From here on the leader's flight is ended by `_call` or by the stream's relay.
         return await answer(spec, body, raw, tenant, reason=decision.reason, target=target,
                             timings=timings)  # fmt: skip
+
+    async def _follow(
+        self,
+        spec: RouteSpec,
+        body: dict[str, Any],
+        raw: bytes,
+        tenant: str,
+        flight: Flight,
+        *,
+        timings: tuple[tuple[str, float], ...],
+    ) -> Answer:
+        """Wait for the identical request in flight; its answer is ours. Past the wait, or when
+        it ended without an answer, ask the engine ourselves (and store nothing)."""
+        started = time.perf_counter()
+        outcome = await flight.wait(self._coalesce_wait)
+        timings = (*timings, ("coalesced", time.perf_counter() - started))
+        if outcome is not None and outcome.error is not None:
+            raise outcome.error
+        if outcome is not None and outcome.body is not None:
+            streamed = body.get("stream") is True
+            content = outcome.body
+            if streamed:
+                try:
+                    content = replay(outcome.body, spec.name, include_usage=_wants_usage(body))
+                except ReplayError:
+                    content = b""
+            if content:
+                self.outcomes[(spec.name, 200, "coalesced")] += 1
+                headers = {"x-strata-cache": "coalesced", "server-timing": _timing(timings)}
+                if streamed:
+                    headers["cache-control"] = "no-cache"
+                media = EVENT_STREAM if streamed else JSON
+                return Response(content, media_type=media, headers=headers)
+        answer = self._stream if body.get("stream") is True else self._answer
+        return await answer(spec, body, raw, tenant, reason="", target=None, timings=timings)
 
     async def _answer(
         self,
@@ -263,31 +355,55 @@ class CompletionService:
         timings: tuple[tuple[str, float], ...],
     ) -> Response:
         """Ask the engine for the whole answer; store it when `target` says where."""
-        started = time.perf_counter()
-        try:
-            answer = await self._engine.post(spec.path, self._upstream_body(body, raw, tenant))
-        except EngineError as exc:
-            raise APIError.from_engine(exc) from exc
-        engine_time = time.perf_counter() - started
-        if self._observe_engine is not None:
-            self._observe_engine(spec.name, engine_time)
+        call = self._call(spec, body, raw, tenant, target)
+        if target is not None and target.flight is not None:
+            # Its own task: a client that goes away does not take the others' answer with it.
+            answer, engine_time = await asyncio.shield(self._spawn(call))
+        else:
+            answer, engine_time = await call
         timings = (*timings, ("engine", engine_time))
-        if answer.status != 200:
-            raise APIError.from_engine(upstream_error(answer.status, answer.body))
-
         outcome = "bypass" if reason in BYPASS_REASONS else "miss"
-        try:
-            payload = orjson.loads(answer.body)
-        except orjson.JSONDecodeError:
-            payload = None
-        self.engine_tokens.count(payload)
-        if target is not None:
-            await self._store(target, answer.body, payload)
         self.outcomes[(spec.name, 200, outcome)] += 1
         headers = {"x-strata-cache": outcome, "server-timing": _timing(timings)}
         if reason:
             headers["x-strata-cache-reason"] = reason
         return Response(answer.body, media_type=answer.content_type or JSON, headers=headers)
+
+    async def _call(
+        self,
+        spec: RouteSpec,
+        body: dict[str, Any],
+        raw: bytes,
+        tenant: str,
+        target: StoreTarget | None,
+    ) -> tuple[EngineResponse, float]:
+        """One whole engine call: the answer and its time; stored, and the flight ended."""
+        started = time.perf_counter()
+        try:
+            try:
+                answer = await self._engine.post(spec.path, self._upstream_body(body, raw, tenant))
+            except EngineError as exc:
+                raise APIError.from_engine(exc) from exc
+            engine_time = time.perf_counter() - started
+            if self._observe_engine is not None:
+                self._observe_engine(spec.name, engine_time)
+            if answer.status != 200:
+                raise APIError.from_engine(upstream_error(answer.status, answer.body))
+            try:
+                payload = orjson.loads(answer.body)
+            except orjson.JSONDecodeError:
+                payload = None
+            self.engine_tokens.count(payload)
+            if target is not None:
+                await self._store(target, answer.body, payload)
+        except APIError as exc:
+            self._end(target, Outcome(error=exc))
+            raise
+        except BaseException:
+            self._end(target, NO_ANSWER)
+            raise
+        self._end(target, Outcome(body=answer.body))
+        return answer, engine_time
 
     def _semantic_scope(
         self, spec: RouteSpec, body: dict[str, Any], tenant: str
@@ -364,33 +480,46 @@ class CompletionService:
         extra = {"stream_options": {"include_usage": True}} if ask_usage else None
         started = time.perf_counter()
         try:
-            upstream = await self._engine.open_stream(
-                spec.path, self._upstream_body(body, raw, tenant, extra)
-            )
-        except EngineError as exc:
-            raise APIError.from_engine(exc) from exc
-        if upstream.status != 200:
             try:
-                content = await upstream.read()
-            except EngineError:
-                content = b""
-            finally:
-                await upstream.aclose()
-            raise APIError.from_engine(upstream_error(upstream.status, content))
+                upstream = await self._engine.open_stream(
+                    spec.path, self._upstream_body(body, raw, tenant, extra)
+                )
+            except EngineError as exc:
+                raise APIError.from_engine(exc) from exc
+            if upstream.status != 200:
+                try:
+                    content = await upstream.read()
+                except EngineError:
+                    content = b""
+                finally:
+                    await upstream.aclose()
+                raise APIError.from_engine(upstream_error(upstream.status, content))
+        except APIError as exc:
+            self._end(target, Outcome(error=exc))
+            raise
+        except BaseException:
+            self._end(target, NO_ANSWER)
+            raise
         timings = (*timings, ("engine", time.perf_counter() - started))
         outcome = "bypass" if reason in BYPASS_REASONS else "miss"
         self.outcomes[(spec.name, 200, outcome)] += 1
         headers = {"x-strata-cache": outcome, "server-timing": _timing(timings)}
         if reason:
             headers["x-strata-cache-reason"] = reason
+        lease = _Lease(upstream)
         events = (
             self._relay(spec, upstream, started)
             if target is None
-            else self._tee(spec, upstream, started, target, hide_usage=ask_usage)
+            else self._tee(spec, lease, started, target, hide_usage=ask_usage)
         )
 
+        async def close() -> None:
+            if not lease.handed:
+                await upstream.aclose()
+                self._end(target, NO_ANSWER)  # a body that never started ends no flight itself
+
         # The response closes the engine's stream whatever happens, even before the first chunk.
-        return EventStreamResponse(events, headers=headers, on_close=upstream.aclose)
+        return EventStreamResponse(events, headers=headers, on_close=close)
 
     async def _relay(
         self, spec: RouteSpec, upstream: UpstreamResponse, started: float
@@ -408,7 +537,7 @@ class CompletionService:
     async def _tee(
         self,
         spec: RouteSpec,
-        upstream: UpstreamResponse,
+        lease: _Lease,
         started: float,
         target: StoreTarget,
         *,
@@ -417,7 +546,7 @@ class CompletionService:
         """Relay a cacheable stream event by event and store it once it finished normally."""
         tee = StreamTee(spec.name, hide_usage=hide_usage)
         try:
-            async for chunk in upstream:
+            async for chunk in lease.upstream:
                 now, after = tee.feed(chunk)
                 if now:
                     yield now
@@ -427,24 +556,58 @@ class CompletionService:
                     await self._store_stream(spec, tee.answer(), target, started)
                     yield after
         except EngineError as exc:
+            self._end(target, Outcome(error=APIError.from_engine(exc)))
             if tee.done:
                 return  # after `[DONE]`: the answer was whole, the client has it all
             log.warning("engine stream broke off: %s", exc.message)
             yield tee.flush() + _error_event(exc)
             return
+        except (GeneratorExit, asyncio.CancelledError):
+            # The client left. Others waiting on this answer still get it: read on without it.
+            if target.flight is not None and target.flight.waiters and not tee.done:
+                lease.handed = True
+                self._spawn(self._finish_stream(spec, lease.upstream, tee, target, started))
+            raise
         if not tee.done:
             log.warning("engine stream ended without [DONE]")
             error = EngineProtocolError("the engine's stream ended before [DONE]")
+            self._end(target, Outcome(error=APIError.from_engine(error)))
             yield tee.flush() + _error_event(error)
+
+    async def _finish_stream(
+        self,
+        spec: RouteSpec,
+        upstream: UpstreamResponse,
+        tee: StreamTee,
+        target: StoreTarget,
+        started: float,
+    ) -> None:
+        """Read an abandoned stream to its end for the requests waiting on it, and store it."""
+        try:
+            async for chunk in upstream:  # to its end: the connection goes back to the pool
+                tee.feed(chunk)
+            if tee.done:
+                await self._store_stream(spec, tee.answer(), target, started)
+        except EngineError as exc:
+            log.warning("abandoned engine stream broke off: %s", exc.message)
+        finally:
+            # Without a whole answer the waiters ask the engine themselves.
+            self._end(target, NO_ANSWER)
+            await upstream.aclose()
 
     async def _store_stream(
         self, spec: RouteSpec, answer: dict[str, Any] | None, target: StoreTarget, started: float
     ) -> None:
         self._observe(spec, started)
         if answer is None:
+            self._end(target, NO_ANSWER)
             return
         self.engine_tokens.count(answer)
-        await self._store(target, orjson.dumps(answer), answer)
+        content = orjson.dumps(answer)
+        try:
+            await self._store(target, content, answer)
+        finally:
+            self._end(target, Outcome(body=content))
 
     def _observe(self, spec: RouteSpec, started: float) -> None:
         if self._observe_engine is not None:

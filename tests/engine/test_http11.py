@@ -366,6 +366,28 @@ async def test_cancelling_a_reader_closes_its_connection() -> None:
         await asyncio.wait_for(server.eof.wait(), 5)
 
 
+async def test_a_stream_reader_cancelled_while_waiting_can_read_on() -> None:
+    go_on = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\none\r\n")
+        await go_on.wait()
+        writer.write(b"3\r\ntwo\r\n0\r\n\r\n")
+
+    async with raw_server(handle) as server, pool_for(server) as pool:
+        response = await pool.request("POST", "/x", b"{}")
+        assert await response.receive() == b"one"
+        waiting = asyncio.create_task(response.receive())
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        go_on.set()
+        assert await response.read() == b"two"  # its owner (a background reader) reads on
+        await response.aclose()
+
+
 async def test_a_full_pool_waits_for_a_connection_then_reuses_it() -> None:
     release = asyncio.Event()
 
