@@ -6,6 +6,9 @@ Guarantees:
 - writes go through to every layer;
 - each lookup, write and delete on a layer with a `timeout` is bounded by it; `stats` is bounded
   by `STATS_TIMEOUT` as a whole; `clear` walks the whole keyspace and is not bounded;
+- a layer with a `Gate` (a circuit breaker) is not called while its gate is shut: that lookup
+  or write fails at once, counted as an error, so a dead backend costs nothing per request once
+  its breaker opened; every lookup, write and delete reports its success or failure to the gate;
 - a failing layer is a miss (or a skipped write) for that request — never an exception to the
   caller — counted per layer and logged once when it starts failing and once when it recovers;
 - the per-layer hit / miss / error / store counters are plain integers read by stats and metrics
@@ -17,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
-from caches.base import CachedResponse, CacheKey, CacheLayer, CacheStats
+from caches.base import CachedResponse, CacheError, CacheKey, CacheLayer, CacheStats
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,20 @@ T = TypeVar("T")
 
 # Stats may walk a remote keyspace: bounded as a whole rather than per operation.
 STATS_TIMEOUT = 5.0
+
+
+class Gate(Protocol):
+    """A circuit breaker as the chain uses it (`engine.breaker.Breaker` is one)."""
+
+    def allow(self) -> bool: ...
+
+    def success(self) -> None: ...
+
+    def failure(self) -> None: ...
+
+
+class CircuitOpen(CacheError):
+    """The layer's breaker is open: it was not called."""
 
 
 @dataclass(slots=True)
@@ -67,7 +84,11 @@ class LayerReport:
 
 class CacheChain:
     def __init__(
-        self, layers: Sequence[CacheLayer], *, clock: Callable[[], float] = time.time
+        self,
+        layers: Sequence[CacheLayer],
+        *,
+        clock: Callable[[], float] = time.time,
+        gates: Mapping[str, Gate] | None = None,
     ) -> None:
         self.layers: tuple[CacheLayer, ...] = tuple(layers)
         names = [layer.name for layer in self.layers]
@@ -76,12 +97,31 @@ class CacheChain:
         self.counters: dict[str, LayerCounters] = {name: LayerCounters() for name in names}
         self._failing: dict[str, bool] = dict.fromkeys(names, False)
         self._clock = clock
+        self.gates: dict[str, Gate] = dict(gates or {})
+        if unknown := set(self.gates) - set(names):
+            raise ValueError(f"gates for layers that are not in the chain: {sorted(unknown)}")
 
-    async def _call(self, layer: CacheLayer, op: Awaitable[T]) -> T:
-        if layer.timeout is None:
-            return await op
-        async with asyncio.timeout(layer.timeout):
-            return await op
+    async def _call(self, layer: CacheLayer, op: Coroutine[Any, Any, T]) -> T:
+        gate = self.gates.get(layer.name)
+        if gate is None:
+            if layer.timeout is None:
+                return await op
+            async with asyncio.timeout(layer.timeout):
+                return await op
+        if not gate.allow():
+            op.close()
+            raise CircuitOpen(f"{layer.name}: circuit open")
+        try:
+            if layer.timeout is None:
+                result = await op
+            else:
+                async with asyncio.timeout(layer.timeout):
+                    result = await op
+        except Exception:
+            gate.failure()
+            raise
+        gate.success()
+        return result
 
     def _failed(self, layer: CacheLayer, exc: BaseException) -> None:
         if not self._failing[layer.name]:

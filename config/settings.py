@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     engine_read_timeout: float = Field(default=600.0, gt=0)
     engine_max_connections: int = Field(default=512, ge=1)
     engine_health_timeout: float = Field(default=2.0, gt=0)
+    # Connection failures retried (nothing reached the engine), with jittered backoff.
+    engine_retries: int = Field(default=2, ge=0, le=10)
+    # Calls in a row that fail without an answer before the engine's breaker opens, and how long
+    # it then answers 503 at once before a trial call.
+    engine_breaker_threshold: int = Field(default=5, ge=1)
+    engine_breaker_cooldown: float = Field(default=2.0, gt=0, description="seconds")
     # vLLM's `cache_salt` per tenant, so tenants cannot share (or time) the prefix cache.
     engine_cache_salt: bool = True
     cache_salt_secret: SecretStr | None = None  # unset: a random secret per process
@@ -97,6 +103,9 @@ class Settings(BaseSettings):
     # Mirror which L2 keys exist (Redis CLIENT TRACKING, broadcast mode), so that a miss does not
     # wait on a Redis round trip. Off: every L1 miss asks Redis.
     redis_presence: bool = True
+    # Failed Redis operations in a row before L2 is skipped (a miss, counted) for the cooldown.
+    redis_breaker_threshold: int = Field(default=5, ge=1)
+    redis_breaker_cooldown: float = Field(default=1.0, gt=0, description="seconds")
 
     # --- L3 semantic cache ---
     # auto: on when its packages are installed. Off by default until the verifier meets its

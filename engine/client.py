@@ -6,15 +6,25 @@ request has connect, read, write and pool timeouts; transport failures surface a
 subclasses (503 unreachable, 504 too slow, 502 broken) and never as a transport's own exceptions;
 HTTP answers of any status are handed back as they came, for the caller to pass through or map
 with `engine.errors.upstream_error`.
+
+Completion calls (`post`, `open_stream`) go through a circuit breaker (`engine.breaker`): after
+`breaker_threshold` calls in a row fail without an answer (unreachable, timed out, broken before
+its head), calls fail at once with `EngineUnavailable` until a trial call succeeds, so a dead
+engine costs clients no waiting. A call whose connection could not be opened — nothing reached
+the engine — is retried up to `retries` times, after a jittered backoff; nothing else is retried
+(the engine may have started on it). Health checks bypass the breaker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 from dataclasses import dataclass
 
 import httpx
 
-from engine.errors import EngineError
+from engine.breaker import Breaker
+from engine.errors import EngineError, EngineUnavailable
 from engine.http11 import ConnectionPool
 from engine.httpx_transport import HttpxTransport
 from engine.transport import Timeouts, Transport, UpstreamResponse
@@ -40,10 +50,16 @@ class EngineClient:
         max_connections: int = 512,
         api_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        breaker: Breaker | None = None,
+        retries: int = 2,
+        retry_backoff: float = 0.05,
     ) -> None:
         """`transport`: reach the engine through this httpx transport (an ASGI app in process,
         a mock) instead of over the network."""
         self.base_url = base_url.rstrip("/")
+        self.breaker = breaker or Breaker(threshold=5, cooldown=2.0)
+        self._retries = retries
+        self._backoff = retry_backoff
         headers = {"content-type": JSON, "accept": JSON}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -67,11 +83,42 @@ class EngineClient:
 
     async def post(self, path: str, body: bytes) -> EngineResponse:
         """POST a JSON body and read the whole answer."""
-        return await self._whole("POST", path, body)
+        response = await self._guarded(path, body)
+        try:
+            content = await response.read()
+        finally:
+            await response.aclose()
+        return EngineResponse(response.status, content, response.content_type or JSON)
 
     async def open_stream(self, path: str, body: bytes) -> UpstreamResponse:
         """POST and return the response with its body unread. The caller must `aclose()` it."""
-        return await self._transport.request("POST", path, body)
+        return await self._guarded(path, body)
+
+    async def _guarded(self, path: str, body: bytes) -> UpstreamResponse:
+        """One completion request through the breaker, retried only where nothing was sent."""
+        breaker = self.breaker
+        attempt = 0
+        while True:
+            if not breaker.allow():
+                raise EngineUnavailable(
+                    f"the engine at {self.base_url} is failing; the next attempt goes through "
+                    f"in {breaker.retry_in():.1f} s"
+                )
+            try:
+                response = await self._transport.request("POST", path, body)
+            except EngineUnavailable:
+                breaker.failure()
+                if attempt >= self._retries:
+                    raise
+                attempt += 1
+                # Exponential with full jitter, so that many clients do not retry in step.
+                await asyncio.sleep(self._backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))  # noqa: S311
+                continue
+            except EngineError:
+                breaker.failure()
+                raise
+            breaker.success()
+            return response
 
     async def get(self, path: str, *, deadline: float | None = None) -> EngineResponse:
         """GET `path`; `deadline` (seconds) replaces the client's timeouts for this call."""

@@ -25,6 +25,7 @@ from caches.redis_cache import connect
 from caches.semantic import SemanticCache
 from config import Settings
 from engine import EngineClient
+from engine.breaker import Breaker
 from engine.launcher import EngineLaunchError, EngineSupervisor
 from gateway import admin, errors, routes
 from gateway.fastpath import CompletionRoutes
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 def build_chain(settings: Settings, *, clock: Callable[[], float] = time.time) -> CacheChain:
     """L1 then L2, each only if enabled in `settings`."""
     layers: list[CacheLayer] = []
+    gates: dict[str, Breaker] = {}
     if settings.l1_max_entries > 0 and settings.l1_max_bytes > 0:
         layers.append(
             MemoryCache(
@@ -62,7 +64,10 @@ def build_chain(settings: Settings, *, clock: Callable[[], float] = time.time) -
                 presence=settings.redis_presence,
             )
         )
-    return CacheChain(layers, clock=clock)
+        gates["l2"] = Breaker(
+            threshold=settings.redis_breaker_threshold, cooldown=settings.redis_breaker_cooldown
+        )
+    return CacheChain(layers, clock=clock, gates=gates)
 
 
 def semantic_available() -> bool:
@@ -125,6 +130,10 @@ def build_engine(settings: Settings) -> EngineClient:
         health_timeout=settings.engine_health_timeout,
         max_connections=settings.engine_max_connections,
         api_key=settings.engine_api_key.get_secret_value() if settings.engine_api_key else None,
+        breaker=Breaker(
+            threshold=settings.engine_breaker_threshold, cooldown=settings.engine_breaker_cooldown
+        ),
+        retries=settings.engine_retries,
     )
 
 

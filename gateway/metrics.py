@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from caches import CacheChain, MemoryCache, RedisCache
 from engine import EngineClient, EngineError
+from engine.breaker import Breaker
 from gateway.flow import CompletionService
 
 ENGINE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -44,6 +45,10 @@ class EngineMetrics:
         self._timeout = timeout
         self.up = False
         self.values: dict[str, float] = {}
+
+    @property
+    def breaker(self) -> Breaker:
+        return self._engine.breaker
 
     async def refresh(self) -> None:
         try:
@@ -161,6 +166,23 @@ class GatewayCollector(Collector):
                 size.add_metric([layer.name], float(layer.bytes))
         yield entries
         yield size
+
+        breakers = {"engine": self._engine.breaker, **self._chain.gates}
+        state = GaugeMetricFamily(
+            "strata_breaker_open",
+            "1 while the circuit breaker in front of the engine or a cache layer is open or "
+            "half-open (calls fail at once), 0 while closed.",
+            labels=["target"],
+        )
+        opened = CounterMetricFamily(
+            "strata_breaker_opened", "Times the breaker opened.", labels=["target"]
+        )
+        for target, gate in breakers.items():
+            if isinstance(gate, Breaker):
+                state.add_metric([target], 0.0 if gate.state == "closed" else 1.0)
+                opened.add_metric([target], float(gate.opened))
+        yield state
+        yield opened
 
         for layer in self._chain.layers:
             presence = layer.presence if isinstance(layer, RedisCache) else None

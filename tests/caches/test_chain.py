@@ -442,3 +442,61 @@ async def test_aclose_closes_every_layer_even_if_one_fails(
     fake.error = CacheError("down")
     await chain.aclose()
     assert (len(l1), len(second)) == (0, 0)  # MemoryCache.aclose empties it
+
+
+class CountingGate:
+    """A gate that shuts after `threshold` failures in a row and opens on `reopen()`."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.failures = 0
+        self.successes = 0
+        self.shut = False
+
+    def allow(self) -> bool:
+        return not self.shut
+
+    def success(self) -> None:
+        self.successes += 1
+        self.failures = 0
+
+    def failure(self) -> None:
+        self.failures += 1
+        self.shut = self.failures >= self.threshold
+
+
+async def test_a_shut_gate_skips_its_layer_without_calling_it(
+    fake: FakeLayer, l1: MemoryCache, clock: FakeClock
+) -> None:
+    gate = CountingGate(threshold=2)
+    chain = CacheChain([l1, fake], clock=clock, gates={"fake": gate})
+    fake.hang = True  # a blackholed backend: every call waits for its timeout
+    for _ in range(2):
+        assert (await asyncio.wait_for(chain.get(key()), NO_HANG)).value is None
+    assert gate.shut
+    fake.entered.clear()
+    lookup = await asyncio.wait_for(chain.get(key(2)), NO_HANG)
+    assert lookup.value is None
+    assert not fake.entered.is_set()  # not called at all
+    assert lookup.timings[1][1] < SHORT  # no time spent waiting for it
+    await chain.set(key(3), value(clock))  # writes skip it too, and still reach L1
+    assert not fake.entered.is_set()
+    assert (await chain.get(key(3))).layer == l1.name
+    assert chain.counters["fake"].errors == 3
+    assert chain.counters["fake"].store_errors == 1
+
+
+async def test_a_gate_hears_of_every_success_and_failure(fake: FakeLayer, clock: FakeClock) -> None:
+    gate = CountingGate(threshold=5)
+    chain = CacheChain([fake], clock=clock, gates={"fake": gate})
+    await chain.set(key(), value(clock))
+    assert (await chain.get(key())).value is not None
+    fake.error = CacheError("down")
+    await chain.get(key())
+    await chain.delete(key())
+    assert (gate.successes, gate.failures) == (2, 2)
+
+
+def test_gates_must_name_layers_of_the_chain(l1: MemoryCache, clock: FakeClock) -> None:
+    with pytest.raises(ValueError, match="not in the chain"):
+        CacheChain([l1], clock=clock, gates={"l9": CountingGate(1)})

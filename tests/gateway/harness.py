@@ -48,6 +48,7 @@ class Harness:
     settings: Settings
     # With `streaming=True`: both hops stream like real connections (see tests.asgi_stream).
     engine_link: StreamingASGITransport | None = None
+    engine_client: EngineClient | None = None
 
     def engine_calls(self, path: str = CHAT) -> int:
         return self.engine.calls[path]
@@ -113,4 +114,4 @@ async def gateway(
                 base_url="http://strata.test",
             )
         )
-        yield Harness(http, fake, clock, chain, registry, config, link)
+        yield Harness(http, fake, clock, chain, registry, config, link, client)
