@@ -66,6 +66,30 @@ PLACES = _wordset(
     uzbekistan venezuela vietnam wales yemen zambia zimbabwe africa asia america"""
 )
 
+# Names of one place or currency: "US" / "USA" / "America", "India" / "Indian", "Rs" / "INR" /
+# "rupees". One replacing another is a paraphrase, not a swap.
+_ALIAS_GROUPS = (
+    "us usa u.s u.s.a america american americans",
+    "uk u.k britain british",
+    "india indian indians",
+    "china chinese",
+    "japan japanese",
+    "germany german germans",
+    "france french",
+    "russia russian russians",
+    "pakistan pakistani pakistanis",
+    "canada canadian canadians",
+    "australia australian australians",
+    "europe european europeans",
+    "korea korean koreans",
+    "mexico mexican mexicans",
+    "rs inr rupee rupees \u20b9",
+    "usd dollar dollars",
+)
+ALIASES = {word: group.split()[0] for group in _ALIAS_GROUPS for word in group.split()}
+# "No" and "not" that negate nothing: "roll no. 1", "... and why or why not?", "if not, why?".
+_NOT_NEGATING = re.compile(r"\b(?:why or why not|or not|if not)\b|\bno\.?\s*(?=\d)", re.IGNORECASE)
+
 _APOSTROPHE = "\u2019"  # typographic apostrophe, read as '
 _WORD = re.compile(r"[^\W_]+(?:[.,'\u2019+#][^\W_]+)*[+#]*")
 # A number: "60,000" (thousands groups), "2.5", "60"; then an optional multiplier ("60k").
@@ -115,8 +139,11 @@ def numbers(text: str) -> frozenset[str]:
 
 
 def is_negated(text: str) -> bool:
-    """True when `text` contains a negation: "not", "never", "no", a "n't" contraction, ..."""
-    return any(w in NEGATIONS or w.endswith("n't") for w in words(text))
+    """True when `text` contains a negation: "not", "never", "no", a "n't" contraction, ...
+
+    Idioms that negate nothing do not count ("or not", "why or why not", "no. 1").
+    """
+    return any(w in NEGATIONS or w.endswith("n't") for w in words(_NOT_NEGATING.sub(" ", text)))
 
 
 def entities(text: str) -> frozenset[str]:
@@ -237,8 +264,14 @@ def _close(a: str, b: str) -> bool:
 
 
 def _mentions(text_words: set[str], name: str) -> bool:
-    """`name` occurs among `text_words`, possibly spelled a little differently (see `_close`)."""
-    return name in text_words or any(_close(name, w) for w in text_words)
+    """`name` occurs among `text_words`, possibly spelled a little differently (see `_close`) or
+    under another of its names (`ALIASES`)."""
+    if name in text_words:
+        return True
+    alias = ALIASES.get(name)
+    return any(
+        _close(name, w) or (alias is not None and ALIASES.get(w) == alias) for w in text_words
+    )
 
 
 def _swapped(cached: str, query: str, a_items: frozenset[str], b_items: frozenset[str]) -> bool:

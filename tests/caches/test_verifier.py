@@ -112,6 +112,10 @@ def test_numbers_are_normalised() -> None:
         ("Why can't I log in?", "Why can I log in?", True),
         ("How do I learn to swim?", "How can I learn swimming?", False),
         ("Why isn't the sky green?", "Why is the sky not green?", False),
+        ("Your experiences as roll no. 1?", "Your experiences as roll number 1?", False),
+        ("Should the system change? Why or why not?", "Should the system change?", False),
+        ("Can we travel in time? If not, why?", "Can we travel in time?", False),
+        ("Is it safe or not?", "Is it not safe?", True),
     ],
 )
 def test_negation_guard(cached: str, query: str, expected: bool) -> None:
@@ -145,6 +149,9 @@ def test_direction_guard(cached: str, query: str, expected: bool) -> None:
         ("How does this affect India's economy?", "How does this affect Indian economy?", False),
         ("Why do people dislike Hilary Clinton?", "Why do people dislike Hillary Clinton?", False),
         ("Explain the French revolution", "Describe the French revolution", False),
+        ("Studying in the US under Trump?", "Studying in America under Trump?", False),
+        ("A laptop under 30K INR?", "A laptop under Rs 30,000?", False),
+        ("Studying in the US under Trump?", "Studying in Canada under Trump?", True),
     ],
 )
 def test_entity_guard(cached: str, query: str, expected: bool) -> None:
