@@ -6,6 +6,8 @@ Guarantees:
 - writes go through to every layer;
 - each lookup, write and delete on a layer with a `timeout` is bounded by it; `stats` is bounded
   by `STATS_TIMEOUT` as a whole; `clear` walks the whole keyspace and is not bounded;
+- a layer that can tell without I/O that it does not hold a key (`known_absent`, L2 with its
+  key-presence mirror) is not called for it: a miss, counted, with no gate involved;
 - a layer with a `Gate` (a circuit breaker) is not called while its gate is shut: that lookup
   or write fails at once, counted as an error, so a dead backend costs nothing per request once
   its breaker opened; every lookup, write and delete reports its success or failure to the gate;
@@ -98,6 +100,9 @@ class CacheChain:
         self._failing: dict[str, bool] = dict.fromkeys(names, False)
         self._clock = clock
         self.gates: dict[str, Gate] = dict(gates or {})
+        self._known_absent: tuple[Callable[[CacheKey], bool] | None, ...] = tuple(
+            getattr(layer, "known_absent", None) for layer in self.layers
+        )
         if unknown := set(self.gates) - set(names):
             raise ValueError(f"gates for layers that are not in the chain: {sorted(unknown)}")
 
@@ -152,6 +157,11 @@ class CacheChain:
         timings: list[tuple[str, float]] = []
         for index, layer in enumerate(self.layers):
             counters = self.counters[layer.name]
+            absent = self._known_absent[index]
+            if absent is not None and absent(key):
+                timings.append((layer.name, 0.0))
+                counters.misses += 1
+                continue
             started = time.perf_counter()
             try:
                 value = await self._call(layer, layer.get(key))

@@ -103,6 +103,10 @@ class RedisCache:
         if self.presence is not None:
             await self.presence.start()
 
+    def known_absent(self, key: CacheKey) -> bool:
+        """Redis does not hold `key`, as the synced key-presence mirror knows without asking."""
+        return self.presence is not None and self.presence.absent(self._rkey(key))
+
     async def get(self, key: CacheKey) -> CachedResponse | None:
         rkey = self._rkey(key)
         if self.presence is not None and self.presence.absent(rkey):
