@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_body_bytes: ByteSize = Field(default=ByteSize(4 * 1024 * 1024), gt=0)
+    max_messages: int = Field(default=1000, ge=1, description="messages per chat request")
+    max_content_chars: int = Field(
+        default=1_000_000, ge=1, description="text characters in a request's messages or prompt"
+    )
 
     # --- engine: an engine that is already running (set), or one Strata launches (unset) ---
     engine_url: str | None = None

@@ -61,7 +61,13 @@ from engine.isolation import cache_salt, salted_body
 from gateway.coalesce import NO_ANSWER, Flight, Flights, Outcome
 from gateway.errors import APIError, error_payload
 from gateway.replay import ReplayError, replay
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_json_object, validate
+from gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_limits,
+    parse_json_object,
+    validate,
+)
 from gateway.sse import EventStreamResponse, data_event
 from gateway.tee import StreamTee
 from gateway.tenants import TenantResolver
@@ -200,6 +206,8 @@ class CompletionService:
         self._semantic = semantic
         self._semantic_max_chars = settings.semantic_max_chars
         self._coalesce_wait = settings.coalesce_wait
+        self._max_messages = settings.max_messages
+        self._max_chars = settings.max_content_chars
         self.flights = Flights()
         # Engine calls that outlive their request (see the module); cancelled by `aclose`.
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -256,6 +264,7 @@ class CompletionService:
         tenant = self._tenants.resolve(headers)
         body = parse_json_object(raw)
         validate(spec.schema, body)
+        check_limits(body, max_messages=self._max_messages, max_chars=self._max_chars)
         try:
             control = parse_cache_control(
                 headers.get("cache-control"), headers.get("x-strata-ttl"), max_ttl=self._max_ttl

@@ -79,3 +79,39 @@ def validate(model: type[_Request], body: JSONObject) -> None:
         model.model_validate(body)
     except ValidationError as exc:
         raise validation_error(list(exc.errors(include_url=False))) from exc
+
+
+def _text_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(
+            _text_chars(part.get("text") if isinstance(part, dict) else part) for part in content
+        )
+    return 0
+
+
+def check_limits(body: JSONObject, *, max_messages: int, max_chars: int) -> None:
+    """The operator's limits on a validated body: messages per request, text characters in the
+    messages or the prompt. A 400 naming the limit, before anything else is done."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        if len(messages) > max_messages:
+            raise APIError(
+                400,
+                f"Too many messages: {len(messages)}, at most {max_messages} are accepted.",
+                param="messages",
+                code="too_many_messages",
+            )
+        chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+        param = "messages"
+    else:
+        chars = _text_chars(body.get("prompt"))
+        param = "prompt"
+    if chars > max_chars:
+        raise APIError(
+            400,
+            f"The request holds {chars} characters of text; at most {max_chars} are accepted.",
+            param=param,
+            code="content_too_long",
+        )

@@ -94,6 +94,30 @@ async def test_bad_completion_prompt_is_400() -> None:
     assert assert_openai_error(response, 400)["param"] == "prompt"
 
 
+async def test_too_many_messages_is_400_before_the_engine() -> None:
+    messages = [{"role": "user", "content": f"m{i}"} for i in range(6)]
+    async with gateway(max_messages=5) as gw:
+        reply = await gw.chat({"model": MODEL, "messages": messages, "temperature": 0})
+        assert gw.engine_calls() == 0
+    assert reply.status_code == 400
+    assert reply.json()["error"]["code"] == "too_many_messages"
+    assert reply.json()["error"]["param"] == "messages"
+
+
+async def test_too_much_text_is_400_before_the_engine() -> None:
+    parts = [{"type": "text", "text": "x" * 60}, {"type": "text", "text": "y" * 60}]
+    async with gateway(max_content_chars=100) as gw:
+        chat = await gw.chat({"model": MODEL, "messages": [{"role": "user", "content": parts}]})
+        fits = await gw.chat(chat_body("x" * 100))
+        prompt = await gw.client.post("/v1/completions", json={"model": MODEL, "prompt": "z" * 101})
+        assert gw.engine_calls() == 1
+    assert fits.status_code == 200
+    for reply, param in ((chat, "messages"), (prompt, "prompt")):
+        assert reply.status_code == 400
+        assert reply.json()["error"]["code"] == "content_too_long"
+        assert reply.json()["error"]["param"] == param
+
+
 async def test_oversized_body_is_413_before_the_engine() -> None:
     async with gateway(max_body_bytes=1024) as gw:
         response = await gw.chat(chat_body("x" * 2000))
