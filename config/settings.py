@@ -8,6 +8,7 @@ keyword arguments (the CLI), `STRATA_*` environment variables, an optional YAML/
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -81,6 +82,9 @@ class Settings(BaseSettings):
 
     # --- tenants: API key per tenant; none configured = one anonymous tenant (local use) ---
     api_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    # A JSON object {"tenant": "key", ...} read at start-up, merged with `api_keys` (a tenant
+    # named in both is an error): keys kept in a secret file rather than the environment.
+    api_keys_file: Path | None = None
 
     # --- exact cache policy ---
     cache_enabled: bool = True
@@ -182,6 +186,25 @@ class Settings(BaseSettings):
                 f"only complete answers can be stored; unknown finish reasons {sorted(unknown)}"
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_from_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("api_keys_file"):
+            return data
+        path = Path(data["api_keys_file"])
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"api_keys_file {path}: {exc}") from None
+        if not isinstance(loaded, dict) or not all(
+            isinstance(t, str) and isinstance(k, str) for t, k in loaded.items()
+        ):
+            raise ValueError(f"api_keys_file {path}: must hold a JSON object of tenant: key")
+        keys = dict(data.get("api_keys") or {})
+        if both := sorted(set(keys) & set(loaded)):
+            raise ValueError(f"tenants both in api_keys and api_keys_file: {both}")
+        return {**data, "api_keys": {**keys, **loaded}}
 
     @model_validator(mode="after")
     def _ttl_order(self) -> Settings:

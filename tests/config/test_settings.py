@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -113,3 +114,37 @@ def test_cli_help_lists_serve() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
     assert "serve" in result.stdout
+
+
+def test_api_keys_from_a_file_are_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"team-b": "sk-team-b-0002"}))
+    monkeypatch.setenv("STRATA_API_KEYS", json.dumps({"team-a": "sk-team-a-0001"}))
+    monkeypatch.setenv("STRATA_API_KEYS_FILE", str(keys))
+    settings = Settings()
+    assert {t: k.get_secret_value() for t, k in settings.api_keys.items()} == {
+        "team-a": "sk-team-a-0001",
+        "team-b": "sk-team-b-0002",
+    }
+    assert "sk-team" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "api_keys_file"),
+        ('["a list"]', "JSON object of tenant: key"),
+        ('{"team-a": "sk-other-0003"}', "both in api_keys and api_keys_file"),
+        ('{"team-c": "short"}', "at least 8 characters"),
+    ],
+)
+def test_a_bad_api_keys_file_fails_at_start(tmp_path: Path, content: str, message: str) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(content)
+    with pytest.raises(ValidationError, match=message):
+        Settings(api_keys={"team-a": "sk-team-a-0001"}, api_keys_file=keys)
+
+
+def test_a_missing_api_keys_file_fails_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="api_keys_file"):
+        Settings(api_keys_file=tmp_path / "nowhere.json")
