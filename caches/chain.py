@@ -3,14 +3,19 @@
 Guarantees:
 - lookups go fastest layer first and stop at the first fresh hit, which is promoted into every
   faster layer (keeping its original creation and expiry times);
-- writes go through to every layer;
+- writes go through to every layer: to in-process layers (no `timeout`) before `set` returns, to
+  remote ones (a `timeout`) in the background — owned, bounded by that timeout, awaited by
+  `settle` and `aclose` — so that a slow or unreachable Redis never delays an answer;
 - each lookup, write and delete on a layer with a `timeout` is bounded by it; `stats` is bounded
   by `STATS_TIMEOUT` as a whole; `clear` walks the whole keyspace and is not bounded;
 - a layer that can tell without I/O that it does not hold a key (`known_absent`, L2 with its
   key-presence mirror) is not called for it: a miss, counted, with no gate involved;
 - a layer with a `Gate` (a circuit breaker) is not called while its gate is shut: that lookup
   or write fails at once, counted as an error, so a dead backend costs nothing per request once
-  its breaker opened; every lookup, write and delete reports its success or failure to the gate;
+  its breaker opened; every lookup, write and delete reports its success or failure to the gate.
+  The trial call of a half-open gate runs in the background (owned, bounded by the layer's
+  timeout, cancelled by `aclose`) while its request goes on without the layer: no request waits
+  on a backend that may still be dead;
 - a failing layer is a miss (or a skipped write) for that request — never an exception to the
   caller — counted per layer and logged once when it starts failing and once when it recovers;
 - the per-layer hit / miss / error / store counters are plain integers read by stats and metrics
@@ -37,7 +42,11 @@ STATS_TIMEOUT = 5.0
 
 
 class Gate(Protocol):
-    """A circuit breaker as the chain uses it (`engine.breaker.Breaker` is one)."""
+    """A circuit breaker as the chain uses it (`engine.breaker.Breaker` is one). `state` is
+    "half_open" while the call `allow` just let through is a trial."""
+
+    @property
+    def state(self) -> str: ...
 
     def allow(self) -> bool: ...
 
@@ -103,6 +112,10 @@ class CacheChain:
         self._known_absent: tuple[Callable[[CacheKey], bool] | None, ...] = tuple(
             getattr(layer, "known_absent", None) for layer in self.layers
         )
+        self._trials: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._local = tuple(layer for layer in self.layers if layer.timeout is None)
+        self._remote = tuple(layer for layer in self.layers if layer.timeout is not None)
         if unknown := set(self.gates) - set(names):
             raise ValueError(f"gates for layers that are not in the chain: {sorted(unknown)}")
 
@@ -116,6 +129,11 @@ class CacheChain:
         if not gate.allow():
             op.close()
             raise CircuitOpen(f"{layer.name}: circuit open")
+        if gate.state == "half_open":
+            trial = asyncio.create_task(self._trial(layer, op, gate))
+            self._trials.add(trial)
+            trial.add_done_callback(self._trials.discard)
+            raise CircuitOpen(f"{layer.name}: circuit half-open, trying it in the background")
         try:
             if layer.timeout is None:
                 result = await op
@@ -127,6 +145,16 @@ class CacheChain:
             raise
         gate.success()
         return result
+
+    async def _trial(self, layer: CacheLayer, op: Coroutine[Any, Any, Any], gate: Gate) -> None:
+        try:
+            async with asyncio.timeout(layer.timeout):
+                await op
+        except Exception:
+            gate.failure()
+            return
+        gate.success()
+        self._succeeded(layer)
 
     def _failed(self, layer: CacheLayer, exc: BaseException) -> None:
         if not self._failing[layer.name]:
@@ -196,7 +224,16 @@ class CacheChain:
             counters.stores += 1
 
     async def set(self, key: CacheKey, value: CachedResponse) -> None:
-        await self._write(self.layers, key, value)
+        await self._write(self._local, key, value)
+        if self._remote:
+            write = asyncio.create_task(self._write(self._remote, key, value))
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
+
+    async def settle(self) -> None:
+        """Until every write in the background has finished (each is bounded by its timeout)."""
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     async def delete(self, key: CacheKey) -> int:
         removed = 0
@@ -248,6 +285,10 @@ class CacheChain:
         return reports
 
     async def aclose(self) -> None:
+        await self.settle()
+        for trial in list(self._trials):
+            trial.cancel()
+        await asyncio.gather(*self._trials, return_exceptions=True)
         for layer in self.layers:
             try:
                 await layer.aclose()

@@ -12,7 +12,8 @@ status; every answer says how it was served (`X-Strata-Cache`, and on hits `X-St
 Streams (`stream: true`) take the same path. A hit is replayed as an event stream
 (`gateway.replay`), whichever way the answer was stored. A miss is relayed event by event as the
 engine sends it; a cacheable one is reassembled on the way (`gateway.assembly`) and stored — in
-every layer, before `[DONE]` goes out — only when the engine finished it normally. An engine
+L1 and L3 before `[DONE]` goes out, in L2 right after in the background (`CacheChain.set`) — only
+when the engine finished it normally. An engine
 failure mid-stream becomes an OpenAI error event and stores nothing; a client that goes away
 closes the engine's stream (vLLM then aborts the generation) and stores nothing.
 
@@ -561,7 +562,8 @@ class CompletionService:
                     yield now
                 if after:
                     # Owned by this response and awaited before `[DONE]`: a client that saw the
-                    # whole answer can rely on the next identical request being a hit.
+                    # whole answer can rely on the next identical request to this replica being
+                    # a hit (L2's write, for the other replicas, follows in the background).
                     await self._store_stream(spec, tee.answer(), target, started)
                     yield after
         except EngineError as exc:

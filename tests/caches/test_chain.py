@@ -14,6 +14,7 @@ from caches.base import CachedResponse, CacheError, CacheKey, CacheLayer, CacheS
 from caches.chain import CacheChain, LayerReport
 from caches.memory import MemoryCache
 from caches.redis_cache import RedisCache
+from engine.breaker import Breaker
 from tests.caches.conftest import PREFIX
 from tests.clock import FakeClock
 
@@ -201,6 +202,7 @@ async def test_max_age_filters_old_entries(
 ) -> None:
     stored = value(clock)
     await chain.set(key(), stored)
+    await chain.settle()  # L2's write happens in the background
     clock.advance(age)
     lookup = await chain.get(key(), max_age=max_age)
     assert (lookup.value is not None) is hit
@@ -326,6 +328,7 @@ async def test_failed_store_is_a_store_error_not_a_lookup_error(
     chain = CacheChain([l1, fake], clock=clock)
     fake.error = CacheError("read-only")
     await chain.set(key(), value(clock))
+    await chain.settle()  # L2's write happens in the background
     assert chain.counters["fake"].store_errors == 1
     assert chain.counters["fake"].errors == 0
 
@@ -338,6 +341,7 @@ async def test_set_writes_through_every_layer(
 ) -> None:
     stored = value(clock)
     await chain.set(key(), stored)
+    await chain.settle()  # L2's write happens in the background
     assert await l1.get(key()) == stored
     assert await l2.get(key()) == stored
     assert (chain.counters["l1"].stores, chain.counters["l2"].stores) == (1, 1)
@@ -352,6 +356,7 @@ async def test_store_errors_are_counted_and_other_layers_still_written(
     fake.hang = mode == "hang"
     stored = value(clock)
     await asyncio.wait_for(chain.set(key(), stored), NO_HANG)
+    await chain.settle()  # L2's write happens in the background
     assert await l1.get(key()) == stored
     assert (chain.counters["fake"].stores, chain.counters["fake"].store_errors) == (0, 1)
     assert (chain.counters["l1"].stores, chain.counters["l1"].store_errors) == (1, 0)
@@ -361,6 +366,7 @@ async def test_delete_removes_from_every_layer(
     chain: CacheChain, l1: MemoryCache, l2: RedisCache, clock: FakeClock
 ) -> None:
     await chain.set(key(), value(clock))
+    await chain.settle()  # L2's write happens in the background
     assert await chain.delete(key()) == 2
     assert await l1.get(key()) is None
     assert await l2.get(key()) is None
@@ -372,6 +378,7 @@ async def test_delete_skips_a_failing_layer(
 ) -> None:
     chain = CacheChain([l1, fake], clock=clock)
     await chain.set(key(), value(clock))
+    await chain.settle()  # L2's write happens in the background
     fake.error = CacheError("down")
     assert await chain.delete(key()) == 1
     assert chain.counters["fake"].store_errors == 1  # a delete is a write
@@ -384,6 +391,7 @@ async def test_clear_reports_per_layer_with_none_for_a_failing_one(
     chain = CacheChain([l1, fake, l2], clock=clock)
     for n in range(3):
         await chain.set(key(n), value(clock))
+        await chain.settle()  # L2's write happens in the background
     fake.error = CacheError("down")
     assert await chain.clear() == {"l1": 3, "fake": None, "l2": 3}
     assert (await l2.stats()).entries == 0
@@ -397,6 +405,7 @@ async def test_stats_report_contents_and_counters_per_layer(
 ) -> None:
     chain = CacheChain([l1, l2, fake], clock=clock)
     await chain.set(key(1), value(clock, b"a" * 10))
+    await chain.settle()  # L2's write happens in the background
     await chain.get(key(1))  # l1 hit
     await chain.get(key(2))  # miss everywhere
     fake.error = CacheError("down")
@@ -439,6 +448,7 @@ async def test_aclose_closes_every_layer_even_if_one_fails(
     second.name = "l1b"
     chain = CacheChain([fake, l1, second], clock=clock)
     await chain.set(key(), value(clock))
+    await chain.settle()  # L2's write happens in the background
     fake.error = CacheError("down")
     await chain.aclose()
     assert (len(l1), len(second)) == (0, 0)  # MemoryCache.aclose empties it
@@ -446,6 +456,8 @@ async def test_aclose_closes_every_layer_even_if_one_fails(
 
 class CountingGate:
     """A gate that shuts after `threshold` failures in a row and opens on `reopen()`."""
+
+    state = "closed"
 
     def __init__(self, threshold: int) -> None:
         self.threshold = threshold
@@ -480,6 +492,7 @@ async def test_a_shut_gate_skips_its_layer_without_calling_it(
     assert not fake.entered.is_set()  # not called at all
     assert lookup.timings[1][1] < SHORT  # no time spent waiting for it
     await chain.set(key(3), value(clock))  # writes skip it too, and still reach L1
+    await chain.settle()  # L2's write happens in the background
     assert not fake.entered.is_set()
     assert (await chain.get(key(3))).layer == l1.name
     assert chain.counters["fake"].errors == 3
@@ -490,6 +503,7 @@ async def test_a_gate_hears_of_every_success_and_failure(fake: FakeLayer, clock:
     gate = CountingGate(threshold=5)
     chain = CacheChain([fake], clock=clock, gates={"fake": gate})
     await chain.set(key(), value(clock))
+    await chain.settle()  # L2's write happens in the background
     assert (await chain.get(key())).value is not None
     fake.error = CacheError("down")
     await chain.get(key())
@@ -500,3 +514,30 @@ async def test_a_gate_hears_of_every_success_and_failure(fake: FakeLayer, clock:
 def test_gates_must_name_layers_of_the_chain(l1: MemoryCache, clock: FakeClock) -> None:
     with pytest.raises(ValueError, match="not in the chain"):
         CacheChain([l1], clock=clock, gates={"l9": CountingGate(1)})
+
+
+async def test_a_half_open_trial_runs_in_the_background(
+    fake: FakeLayer, l1: MemoryCache, clock: FakeClock
+) -> None:
+    breaker = Breaker(threshold=1, cooldown=0.05)
+    chain = CacheChain([l1, fake], clock=clock, gates={"fake": breaker})
+    fake.hang = True
+    await chain.get(key())  # times out: open
+    assert breaker.state == "open"
+    await asyncio.sleep(0.06)
+    fake.entered.clear()
+    lookup = await asyncio.wait_for(chain.get(key(2)), NO_HANG)
+    assert lookup.timings[1][1] < SHORT  # the request did not wait for the trial
+    await asyncio.wait_for(fake.entered.wait(), NO_HANG)  # but the trial did call the layer
+    await asyncio.sleep(SHORT * 2)
+    assert breaker.state == "open"  # the trial timed out in the background
+    fake.hang = False
+    await asyncio.sleep(0.06)
+    await chain.get(key(3))  # the next trial, in the background, succeeds
+    await asyncio.sleep(0.01)
+    assert breaker.state == "closed"
+    stored = value(clock)
+    await chain.set(key(4), stored)
+    await chain.settle()  # L2's write happens in the background
+    assert (await chain.get(key(4))).value == stored
+    await chain.aclose()

@@ -144,6 +144,7 @@ async def test_l2_presence_is_reported_and_a_miss_skips_redis(redis_server) -> N
         await gw.chain.start()
         assert await l2.presence.wait_synced(5.0)
         miss = await gw.chat()
+        await gw.chain.settle()  # L2's write happens in the background
         hit = await gw.chat()
         sample = gw.registry.get_sample_value
         assert (miss.headers["x-strata-cache"], hit.headers["x-strata-layer"]) == ("miss", "l2")

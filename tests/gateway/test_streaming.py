@@ -179,6 +179,7 @@ async def test_stream_outcomes_and_engine_time_are_counted() -> None:
     async with gateway() as gw:
         await gw.chat(chat_body(stream=True))
         await gw.chat(chat_body(stream=True))
+        await gw.chain.settle()  # L2's write happens in the background
         sample = gw.registry.get_sample_value
         labels = {"route": "chat", "status": "200", "outcome": "miss"}
         assert sample("strata_requests_total", labels) == 1
