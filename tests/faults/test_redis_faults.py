@@ -99,3 +99,13 @@ async def test_a_blackholed_redis_costs_a_bounded_latency_and_opens_the_breaker(
     assert opened_at
     assert opened_at[0] - holed <= 1.0
     assert during["p99_ms"] <= normal["p99_ms"] + 60
+
+
+async def test_a_slow_redis_costs_at_most_its_timeout_then_nothing(stack: Stack) -> None:
+    stack.proxy.latency = 0.2  # four times the 50 ms per-operation timeout
+    await stack.load(4.0, RATE)
+    figures = {"test": "redis_latency_200ms", "rate": RATE, **summary(stack.samples)}
+    print(json.dumps(figures))
+    assert figures["failed"] == 0
+    assert stack.chain.gates["l2"].state != "closed"  # its breaker opened
+    assert stack.chain.counters["l2"].errors > 0
