@@ -79,8 +79,9 @@ def gateway_numbers(requests: int) -> dict[str, float]:
     )  # fmt: skip
     env = {**base, "STRATA_SEMANTIC": "on", "STRATA_REDIS_ENABLED": "false",
            "STRATA_LOG_LEVEL": "warning"}  # fmt: skip
-    if threads := os.environ.get("STRATA_SEMANTIC_EMBED_THREADS"):
-        env["STRATA_SEMANTIC_EMBED_THREADS"] = threads  # to compare thread counts
+    for name in ("STRATA_SEMANTIC_EMBED_THREADS", "STRATA_SEMANTIC_EMBED_DTYPE"):
+        if value := os.environ.get(name):
+            env[name] = value  # to compare thread counts and arithmetic
     gateway = start(
         [sys.executable, "-m", "gateway", "serve", "--engine-url", engine_url,
          "--port", str(gateway_port)],

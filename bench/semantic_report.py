@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--max-false-hit-rate", type=float, default=0.02)
     args = parser.parse_args()
 
-    embedder = SentenceTransformerEmbedder()
+    embedder = SentenceTransformerEmbedder(dtype="auto")  # as the gateway runs it
     pairs = load_pairs(args.pairs)
     texts = sorted({p.cached for p in pairs} | {p.query for p in pairs})
     embedded = dict(zip(texts, embedder.embed_many(texts), strict=True))

@@ -96,9 +96,27 @@ def default_model_path() -> Path:
     raise RuntimeError(f"{DEFAULT_MODEL_PACKAGE} holds no sentence-transformers folder")
 
 
+def resolve_dtype(choice: str) -> str:
+    """ "auto": bfloat16 where the CPU computes it natively (AVX512-BF16, AMX), else float32."""
+    if choice != "auto":
+        return choice
+    import torch  # noqa: PLC0415 - present wherever sentence-transformers is
+
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 class SentenceTransformerEmbedder:
+    """`dtype` "bfloat16" runs the forward pass under CPU autocast: measured here, a short
+    question in 7.1 ms against 8.6 ms, with sentence vectors at cosine >= 0.99997 to float32's.
+    The verifier is fitted on float32 vectors (`bench.fit_verifier` embeds in float32)."""
+
     def __init__(
-        self, path: str | Path | None = None, *, device: str = "cpu", threads: int | None = None
+        self,
+        path: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        dtype: str = "float32",
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -116,6 +134,9 @@ class SentenceTransformerEmbedder:
             raise RuntimeError(f"{folder}: model does not say its embedding dimension")
         self.dimension = int(dimension)
         self.name = folder.name
+        self.dtype = resolve_dtype(dtype)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"unsupported embedding dtype {dtype!r}")
         # Every core: measured through the gateway on 2 cores, an L3 hit took 11.6-16.2 ms p50
         # with two model threads against 18.2-21.7 ms with one.
         self._threads = threads or os.cpu_count() or 1
@@ -161,7 +182,8 @@ class SentenceTransformerEmbedder:
 
         model = self._model
         prepare = getattr(model, "preprocess", None) or model.tokenize
-        with torch.inference_mode():
+        bf16 = self.dtype == "bfloat16"
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             features = prepare(texts)
             features = {
                 k: v.to(model.device) if isinstance(v, torch.Tensor) else v

@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     semantic_batch_size: int = Field(default=32, ge=1, le=1024)
     # Threads the embedding model computes with; unset: one per core.
     semantic_embed_threads: int | None = Field(default=None, ge=1, le=256)
+    # The embedding model's arithmetic; auto: bfloat16 where the CPU has it natively.
+    semantic_embed_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Cached questions whose token vectors the verifier keeps at hand (~12 KiB each).
     semantic_token_cache: int = Field(default=2048, ge=0)
 

@@ -88,6 +88,7 @@ async def build_semantic(settings: Settings, clock: Callable[[], float]) -> Sema
         SentenceTransformerEmbedder,
         settings.semantic_model,
         threads=settings.semantic_embed_threads,
+        dtype=settings.semantic_embed_dtype,
     )
     store = None
     if settings.redis_enabled:

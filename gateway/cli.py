@@ -207,7 +207,7 @@ def _semantic_eval(args: argparse.Namespace) -> int:
         from caches.semantic_eval import evaluate  # noqa: PLC0415
         from caches.verifier import Verifier  # noqa: PLC0415
 
-        embedder = SentenceTransformerEmbedder(args.model)
+        embedder = SentenceTransformerEmbedder(args.model, dtype=args.dtype)
     except (ImportError, RuntimeError) as exc:
         raise _fail(f"the semantic cache needs its packages: {exc}", 1) from None
     if not args.pairs.is_file():
@@ -267,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float, help="override the operating point")
     evaluate.add_argument("--no-verifier", action="store_true", help="cosine similarity alone")
     evaluate.add_argument("--model", help="sentence-transformers folder (default: MiniLM-L6)")
+    evaluate.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="the embedding model's arithmetic, as STRATA_SEMANTIC_EMBED_DTYPE (default: auto)",
+    )
     evaluate.set_defaults(handler=_semantic_eval)
     return parser
 

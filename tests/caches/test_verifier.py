@@ -549,3 +549,22 @@ def test_embed_many_gives_encode_vectors_and_content_tokens(
         alone = embedder.embed_many([text])[0]  # padding in a batch changes nothing
         assert alone.tokens is not None
         np.testing.assert_allclose(alone.tokens.vectors, tokens.vectors, atol=1e-4)
+
+
+def test_bfloat16_embeddings_stay_with_float32_ones(
+    minilm: Callable[[list[str]], list[Embedding]],
+) -> None:
+    from caches.embedder import SentenceTransformerEmbedder, resolve_dtype  # noqa: PLC0415
+
+    assert resolve_dtype("float32") == "float32"
+    assert resolve_dtype("auto") in ("float32", "bfloat16")
+    texts = ["How do I reset my password?", "hi", "What is the capital of France, and why?"]
+    wide = SentenceTransformerEmbedder(dtype="float32").embed_many(texts)
+    narrow = SentenceTransformerEmbedder(dtype="bfloat16").embed_many(texts)
+    for a, b in zip(wide, narrow, strict=True):
+        assert float(a.vector @ b.vector) > 0.9995  # measured >= 0.99997 on 64 questions
+        assert b.tokens is not None
+        assert a.tokens is not None
+        assert (a.tokens.ids == b.tokens.ids).all()
+    with pytest.raises(ValueError, match="dtype"):
+        SentenceTransformerEmbedder(dtype="float16")
