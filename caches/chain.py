@@ -122,10 +122,7 @@ class CacheChain:
     async def _call(self, layer: CacheLayer, op: Coroutine[Any, Any, T]) -> T:
         gate = self.gates.get(layer.name)
         if gate is None:
-            if layer.timeout is None:
-                return await op
-            async with asyncio.timeout(layer.timeout):
-                return await op
+            return await _bounded(layer, op)
         if not gate.allow():
             op.close()
             raise CircuitOpen(f"{layer.name}: circuit open")
@@ -135,11 +132,7 @@ class CacheChain:
             trial.add_done_callback(self._trials.discard)
             raise CircuitOpen(f"{layer.name}: circuit half-open, trying it in the background")
         try:
-            if layer.timeout is None:
-                result = await op
-            else:
-                async with asyncio.timeout(layer.timeout):
-                    result = await op
+            result = await _bounded(layer, op)
         except Exception:
             gate.failure()
             raise
@@ -148,8 +141,7 @@ class CacheChain:
 
     async def _trial(self, layer: CacheLayer, op: Coroutine[Any, Any, Any], gate: Gate) -> None:
         try:
-            async with asyncio.timeout(layer.timeout):
-                await op
+            await _bounded(layer, op)
         except Exception:
             gate.failure()
             return
@@ -294,3 +286,11 @@ class CacheChain:
                 await layer.aclose()
             except Exception as exc:
                 log.warning("cache layer %s: close failed (%s)", layer.name, exc)
+
+
+async def _bounded(layer: CacheLayer, op: Coroutine[Any, Any, T]) -> T:
+    """`op`, cut at the layer's `timeout` (layers without one cannot block)."""
+    if layer.timeout is None:
+        return await op
+    async with asyncio.timeout(layer.timeout):
+        return await op

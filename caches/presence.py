@@ -260,10 +260,6 @@ class KeyPresence:
             self._handle(message)
 
     def _handle(self, message: Any) -> None:
-        if isinstance(message, (bytes, str)):
-            # redis-py hands a PING's reply back as its payload alone ("PONG" for a heartbeat).
-            self._pong(message)
-            return
         if not isinstance(message, list) or not message:
             raise ConnectionError(f"unexpected message on the tracking connection: {message!r}")
         kind = _text(message[0]).lower()
@@ -278,15 +274,13 @@ class KeyPresence:
                 self.add(_text(key))
             if len(self._keys) > self._max_keys:
                 raise _TooMany
-        elif kind == "pong":
-            self._pong(message[1] if len(message) > 1 else b"")
+        elif kind == "pong":  # [b"pong", token]: a heartbeat's (empty token) or `caught_up`'s
+            token = message[1] if len(message) > 1 else b""
+            waiter = self._pings.get(token if isinstance(token, bytes) else str(token).encode())
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         elif kind not in ("subscribe", "unsubscribe"):
             raise ConnectionError(f"unexpected message on the tracking connection: {kind!r}")
-
-    def _pong(self, token: bytes | str) -> None:
-        waiter = self._pings.get(token if isinstance(token, bytes) else token.encode())
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
 
 class _TooMany(Exception):

@@ -236,6 +236,11 @@ class CompletionService:
         if target is not None and target.flight is not None:
             self.flights.end(target.key.digest, target.flight, outcome)
 
+    def _end_failed(self, target: StoreTarget | None, exc: BaseException) -> None:
+        """End the flight of a call that raised: its waiters get the client's error, or ask the
+        engine themselves when there is none to give (cancelled, unexpected)."""
+        self._end(target, Outcome(error=exc) if isinstance(exc, APIError) else NO_ANSWER)
+
     def salt_of(self, tenant: str) -> str:
         salt = self._salts.get(tenant)
         if salt is None:
@@ -406,11 +411,8 @@ class CompletionService:
             self.engine_tokens.count(payload)
             if target is not None:
                 await self._store(target, answer.body, payload)
-        except APIError as exc:
-            self._end(target, Outcome(error=exc))
-            raise
-        except BaseException:
-            self._end(target, NO_ANSWER)
+        except BaseException as exc:
+            self._end_failed(target, exc)
             raise
         self._end(target, Outcome(body=answer.body))
         return answer, engine_time
@@ -504,11 +506,8 @@ class CompletionService:
                 finally:
                     await upstream.aclose()
                 raise APIError.from_engine(upstream_error(upstream.status, content))
-        except APIError as exc:
-            self._end(target, Outcome(error=exc))
-            raise
-        except BaseException:
-            self._end(target, NO_ANSWER)
+        except BaseException as exc:
+            self._end_failed(target, exc)
             raise
         timings = (*timings, ("engine", time.perf_counter() - started))
         outcome = "bypass" if reason in BYPASS_REASONS else "miss"
