@@ -73,7 +73,8 @@ class LayerCounters:
 @dataclass(frozen=True, slots=True)
 class Lookup:
     """The result of one chain lookup: the value (or `None`), the layer that had it, and the
-    seconds spent in each layer consulted, in order."""
+    seconds spent in each layer consulted, in order — exactly 0.0 for a layer that was not asked:
+    it knew without I/O that it does not hold the key (`known_absent`), or its gate was shut."""
 
     value: CachedResponse | None
     layer: str | None
@@ -186,7 +187,8 @@ class CacheChain:
             try:
                 value = await self._call(layer, layer.get(key))
             except Exception as exc:
-                timings.append((layer.name, time.perf_counter() - started))
+                asked = not isinstance(exc, CircuitOpen)
+                timings.append((layer.name, time.perf_counter() - started if asked else 0.0))
                 counters.errors += 1
                 self._failed(layer, exc)
                 continue

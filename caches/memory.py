@@ -84,6 +84,10 @@ class MemoryCache:
     async def delete(self, key: CacheKey) -> bool:
         return self._remove(key.digest)
 
+    def discard(self, digest: str) -> None:
+        """Forget the entry stored under `digest`, if any (another replica removed it)."""
+        self._remove(digest)
+
     async def clear(self) -> int:
         count = len(self._data)
         self._data.clear()

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,6 +41,11 @@ from caches.vector_index import VectorIndex, single_threaded_search
 log = logging.getLogger(__name__)
 
 Vector = npt.NDArray[np.float32]
+
+
+# Neighbours examined when an answer is reported bad: more than a lookup's candidates, so that
+# every entry that could serve the question again is found.
+FORGET_CANDIDATES = 32
 
 
 class Judgement(Protocol):
@@ -146,7 +151,6 @@ class SemanticCache:
         self._stop = asyncio.Event()
         self._store_failing = False
         self.counters = SemanticCounters()
-        self.similarities: list[float] = []  # of hits since the last scrape (drained by metrics)
 
     # --- worker-thread side: the only code that touches the index and the entry map ---
 
@@ -173,19 +177,27 @@ class SemanticCache:
                 self._tokens.put(entry.id, tokens)
         return tokens
 
-    def _search(self, scope: SemanticScope, query: Embedding) -> tuple[SemanticHit | None, int]:
-        rejected = 0
-        for match in self._index.search(scope.partition, query.vector, k=self._k):
+    def _verified(
+        self, scope: SemanticScope, query: Embedding, k: int
+    ) -> Iterator[tuple[SemanticEntry, float, bool]]:
+        """The partition's `k` nearest entries above the floor, most similar first, each with
+        its similarity and the verifier's verdict."""
+        for match in self._index.search(scope.partition, query.vector, k=k):
             if match.similarity < self._floor:
-                break
+                return
             entry: SemanticEntry = match.payload
             verdict = self._verifier.verify(
                 entry.text, scope.text, match.similarity, entry.vector, query.vector,
                 query_tokens=query.tokens,
                 cached_tokens=functools.partial(self._tokens_of, entry),
             )  # fmt: skip
-            if verdict.accept:
-                return SemanticHit(entry.value, match.similarity, entry.id), rejected
+            yield entry, match.similarity, verdict.accept
+
+    def _search(self, scope: SemanticScope, query: Embedding) -> tuple[SemanticHit | None, int]:
+        rejected = 0
+        for entry, similarity, accepted in self._verified(scope, query, self._k):
+            if accepted:
+                return SemanticHit(entry.value, similarity, entry.id), rejected
             rejected += 1
         return None, rejected
 
@@ -211,7 +223,6 @@ class SemanticCache:
             self.counters.misses += 1
         else:
             self.counters.hits += 1
-            self.similarities.append(hit.similarity)
         return hit, query
 
     async def store(
@@ -237,6 +248,22 @@ class SemanticCache:
             ttl = math.ceil(value.expires_at - self._clock())
             if ttl > 0:
                 await self._guarded(self._store.put(entry, ttl))
+
+    def _servable(self, scope: SemanticScope, query: Embedding) -> list[str]:
+        """Every entry of the scope's partition the verifier would serve for its question."""
+        return [e.id for e, _, ok in self._verified(scope, query, FORGET_CANDIDATES) if ok]
+
+    async def forget(self, scope: SemanticScope, entry_id: str) -> int:
+        """Remove entry `entry_id` and every entry that would be served for the scope's question
+        (a reported bad answer and its semantic neighbours), here and, through the store, on
+        every replica. How many this replica held."""
+        query = await self._batcher.embed(scope.text)
+        ids = {entry_id, *await self._in_worker(self._servable, scope, query)}
+        held = 0
+        for found in ids:
+            held += found in self._index
+            await self.delete(found)
+        return held
 
     async def delete(self, entry_id: str) -> None:
         await self._in_worker(self._apply_remove, entry_id)

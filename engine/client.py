@@ -125,6 +125,11 @@ class EngineClient:
         timeouts = Timeouts.all(deadline) if deadline is not None else None
         return await self._whole("GET", path, None, timeouts)
 
+    async def probe(self, path: str, body: bytes, *, deadline: float) -> EngineResponse:
+        """POST outside the breaker and its retries, bounded by `deadline` seconds as a whole:
+        for the gateway's own questions to the engine (its model fingerprint), not for clients."""
+        return await self._whole("POST", path, body, Timeouts.all(deadline))
+
     async def _whole(
         self, method: str, path: str, body: bytes | None, timeouts: Timeouts | None = None
     ) -> EngineResponse:

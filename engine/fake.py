@@ -80,6 +80,8 @@ class FakeEngine:
     # Cut every stream after this many content chunks, without `[DONE]`.
     break_stream_after: int | None = None
     last_bodies: list[dict[str, Any]] = field(default_factory=list)
+    # Stands in for vLLM's chat template: changing it changes what `/tokenize` answers.
+    chat_template: str = "default"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -97,6 +99,10 @@ class FakeEngine:
         if method == "GET" and path == "/v1/models":
             self.calls[path] += 1
             await _send_json(send, 200, self.models_payload())
+            return
+        if method == "POST" and path == "/tokenize":
+            self.calls[path] += 1
+            await self._tokenize(await _read_body(receive), send)
             return
         if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions"):
             await _send_json(send, 404, _error(404, f"no route {method} {path}", "NotFoundError"))
@@ -127,6 +133,20 @@ class FakeEngine:
             await self._stream(body, chat, receive, send)
         else:
             await _send_json(send, 200, self.answer(body, chat=chat))
+
+    async def _tokenize(self, raw: bytes, send: Send) -> None:
+        """vLLM's `/tokenize`: the "tokens" depend on the text and on `chat_template`."""
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict) or body.get("model") != self.model:
+            await _send_json(send, 404, _error(404, "unknown model", "NotFoundError"))
+            return
+        text = body.get("prompt") if "prompt" in body else body.get("messages")
+        material = orjson.dumps([self.chat_template if "messages" in body else "", text])
+        tokens = list(hashlib.sha256(material).digest())
+        await _send_json(send, 200, {"count": len(tokens), "max_model_len": 2048, "tokens": tokens})
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -168,6 +188,8 @@ class FakeEngine:
     def _words(self, body: dict[str, Any]) -> tuple[list[str], str, int]:
         material = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         seed = orjson.dumps(material, option=orjson.OPT_SORT_KEYS)
+        if self.chat_template != "default":
+            seed += self.chat_template.encode()  # another "model": other answers
         temperature = body.get("temperature", 1.0)
         if body.get("seed") is None and temperature != 0:
             seed += secrets.token_bytes(8)  # sampled: a new answer every time

@@ -490,7 +490,7 @@ async def test_a_shut_gate_skips_its_layer_without_calling_it(
     lookup = await asyncio.wait_for(chain.get(key(2)), NO_HANG)
     assert lookup.value is None
     assert not fake.entered.is_set()  # not called at all
-    assert lookup.timings[1][1] < SHORT  # no time spent waiting for it
+    assert lookup.timings[1][1] == 0.0  # not asked: reported as no time at all
     await chain.set(key(3), value(clock))  # writes skip it too, and still reach L1
     await chain.settle()  # L2's write happens in the background
     assert not fake.entered.is_set()

@@ -14,6 +14,7 @@ from caches.redis_cache import RedisCache, connect
 from tests.caches.conftest import PREFIX, TIMEOUT
 from tests.caches.test_redis_cache import key, rkey, value
 from tests.clock import FakeClock
+from tests.polling import eventually
 from tests.redisproc import RedisServer
 
 SETTLE = 5.0  # seconds a mirror may take to (re)sync in these tests; it usually takes a few ms
@@ -22,12 +23,6 @@ SETTLE = 5.0  # seconds a mirror may take to (re)sync in these tests; it usually
 async def get_calls(client: aioredis.Redis) -> int:
     stats = await client.info("commandstats")
     return int(stats.get("cmdstat_get", {}).get("calls", 0))
-
-
-async def until(condition: object, timeout: float = SETTLE) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -118,13 +113,13 @@ async def test_a_lost_tracking_connection_stops_skipping_until_resynced(
     assert presence is not None
     killed = await redis_client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
     assert killed == 1
-    await until(lambda: not presence.synced)
+    await eventually(lambda: not presence.synced, SETTLE)
     # Written while the mirror is down (its invalidation went nowhere): found all the same,
     # first by asking Redis, then by the SCAN of the resync.
     stored = value(clock, b"during the outage")
     await other.set(key(4), stored)
     assert await tracked.get(key(4)) == stored
-    await until(lambda: presence.synced)
+    await eventually(lambda: presence.synced, SETTLE)
     assert presence.syncs >= 2
     assert await tracked.get(key(4)) == stored
 
@@ -137,10 +132,10 @@ async def test_a_restarted_server_is_followed_again(
     syncs = presence.syncs
     redis_server.stop()
     try:
-        await until(lambda: not presence.synced)
+        await eventually(lambda: not presence.synced, SETTLE)
     finally:
         redis_server.start()
-    await until(lambda: presence.synced and presence.syncs > syncs)
+    await eventually(lambda: presence.synced and presence.syncs > syncs, SETTLE)
     stored = value(clock, b"after the restart")
     await other.set(key(5), stored)
     assert await presence.caught_up()
@@ -179,7 +174,7 @@ async def test_a_rebuild_forgets_keys_that_are_gone(
         assert await presence.caught_up()
         assert len(presence) == 2  # an invalidation does not say "deleted": still present
         syncs = presence.syncs
-        await until(lambda: presence.syncs > syncs)
+        await eventually(lambda: presence.syncs > syncs, SETTLE)
         assert len(presence) == 1
         assert await cache.get(key(8)) is None
         assert presence.skips == 1
@@ -206,7 +201,7 @@ async def test_too_many_keys_turn_the_mirror_off(
     presence._max_keys = 3
     for n in range(5):
         await other.set(key(n), value(clock))
-    await until(lambda: presence.off_reason is not None)
+    await eventually(lambda: presence.off_reason is not None, SETTLE)
     assert not presence.synced
     assert await tracked.get(key(4)) is not None  # asks Redis
 
@@ -217,7 +212,9 @@ async def test_without_tracking_support_it_stays_off(clock: FakeClock) -> None:
     assert cache.presence is not None
     try:
         await cache.start()
-        await until(lambda: cache.presence is not None and cache.presence.off_reason is not None)
+        await eventually(
+            lambda: cache.presence is not None and cache.presence.off_reason is not None, SETTLE
+        )
         stored = value(clock)
         await cache.set(key(1), stored)
         assert await cache.get(key(1)) == stored

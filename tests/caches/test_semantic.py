@@ -17,6 +17,7 @@ from caches.semantic_store import SemanticStore
 from caches.vector_index import VectorIndex
 from tests.caches.semantic_fakes import CosineVerifier, TokenReadingVerifier
 from tests.clock import FakeClock
+from tests.polling import eventually
 from tests.redisproc import RedisServer
 
 DIM = 64
@@ -157,14 +158,6 @@ async def stores(server: RedisServer, prefix: str) -> SemanticStore:
         dimension=DIM,
         block_ms=200,
     )
-
-
-async def eventually(check: Callable[[], object], timeout: float = 1.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():  # type: ignore[misc]
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 async def test_an_entry_stored_on_one_replica_is_found_on_another_within_a_second(
