@@ -25,12 +25,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bench.hit_path import HOST, BenchError, Processes, free_port, wait_http
+from bench.hit_path import HOST, BenchError, Proc, Processes, free_port, wait_http
 from bench.stream_ttfb import Connection
 
 MODEL = "strata-fake"
@@ -62,8 +63,17 @@ def body(n: int, tag: str) -> bytes:
     )  # fmt: skip
 
 
-async def drive(port: int, rate: float, workers: int, until: float, counts: dict[str, int]) -> None:
-    tag = uuid.uuid4().hex[:8]
+async def drive(
+    port: int,
+    rate: float,
+    workers: int,
+    until: float,
+    counts: dict[str, int],
+    make_body: Callable[[int], bytes],
+) -> None:
+    """`workers` connections posting `make_body(n)` for n = 0, 1, ... at `rate` requests per
+    second in all until `until` (monotonic); `counts` tallies the replies by `X-Strata-Cache`
+    (or status), and broken connections as `client-error` (the connection is replaced)."""
     interval = workers / rate
     sequence = iter(range(10**12))
 
@@ -72,9 +82,14 @@ async def drive(port: int, rate: float, workers: int, until: float, counts: dict
         try:
             next_at = time.monotonic()
             while time.monotonic() < until:
-                n = next(sequence)
-                reply = await connection.post(PATH, body(n, tag), timeout=30)
-                key = str(reply.status)
+                body = make_body(next(sequence))
+                try:
+                    reply = await connection.post(PATH, body, timeout=30)
+                    key = reply.headers.get("x-strata-cache") or str(reply.status)
+                except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                    await connection.close()
+                    connection = Connection(port)
+                    key = "client-error"
                 counts[key] = counts.get(key, 0) + 1
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -99,7 +114,10 @@ async def soak(args: argparse.Namespace, gateway_pid: int, port: int) -> dict[st
     until = started + args.minutes * 60
     counts: dict[str, int] = {}
     samples: list[dict[str, float]] = []
-    load = asyncio.create_task(drive(port, args.rate, args.workers, until, counts))
+    tag = uuid.uuid4().hex[:8]
+    load = asyncio.create_task(
+        drive(port, args.rate, args.workers, until, counts, lambda n: body(n, tag))
+    )
     while not load.done():
         metrics = await sample(port)
         samples.append({
@@ -135,6 +153,46 @@ async def soak(args: argparse.Namespace, gateway_pid: int, port: int) -> dict[st
     }
 
 
+def start_fake_stack(
+    procs: Processes,
+    *,
+    engine_args: list[str],
+    gateway_env: dict[str, str],
+    ready_timeout: float = 120.0,
+) -> tuple[Proc, Proc, int]:
+    """The fake engine, a private redis-server and `strata serve` in front of them, each a
+    process of `procs`, started and answering: (gateway, redis, the gateway's port)."""
+    python = sys.executable
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    engine_port, redis_port, port = free_port(), free_port(), free_port()
+    engine = procs.start(
+        "engine",
+        [python, "-m", "engine.fake", "--host", HOST, "--port", str(engine_port),
+         "--model", MODEL, *engine_args],
+        env=env, cpu=None,
+    )  # fmt: skip
+    wait_http(engine, engine_port, "/health")
+    server = shutil.which("redis-server")
+    if server is None:
+        raise BenchError("redis-server not found")
+    redis = procs.start(
+        "redis",
+        [server, "--port", str(redis_port), "--bind", HOST, "--save", "", "--appendonly", "no"],
+        cpu=None,
+    )
+    gateway = procs.start(
+        "gateway",
+        [python, "-m", "gateway", "serve", "--engine-url", f"http://{HOST}:{engine_port}",
+         "--host", HOST, "--port", str(port)],
+        env={**env, "STRATA_LOG_LEVEL": "warning", "STRATA_SEMANTIC": "off",
+             "STRATA_REDIS_URL": f"redis://{HOST}:{redis_port}/0", **gateway_env},
+        cpu=None,
+    )  # fmt: skip
+    wait_http(gateway, port, "/readyz", timeout=ready_timeout)
+    return gateway, redis, port
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--minutes", type=float, default=10.0)
@@ -146,37 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="strata-soak-"))
     procs = Processes(workdir)
-    python = sys.executable
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
-    env["PYTHONPATH"] = root
     try:
-        engine_port, redis_port, port = free_port(), free_port(), free_port()
-        engine = procs.start(
-            "engine",
-            [python, "-m", "engine.fake", "--host", HOST, "--port", str(engine_port),
-             "--model", MODEL, "--answer-bytes", "2000"],
-            env=env, cpu=None,
-        )  # fmt: skip
-        wait_http(engine, engine_port, "/health")
-        server = shutil.which("redis-server")
-        if server is None:
-            raise BenchError("redis-server not found")
-        procs.start(
-            "redis",
-            [server, "--port", str(redis_port), "--bind", HOST, "--save", "", "--appendonly", "no"],
-            cpu=None,
+        gateway, _, port = start_fake_stack(
+            procs,
+            engine_args=["--answer-bytes", "2000"],
+            gateway_env={"STRATA_L1_MAX_BYTES": str(args.l1_mb * 2**20)},
         )
-        gateway = procs.start(
-            "gateway",
-            [python, "-m", "gateway", "serve", "--engine-url", f"http://{HOST}:{engine_port}",
-             "--host", HOST, "--port", str(port)],
-            env={**env, "STRATA_LOG_LEVEL": "warning", "STRATA_SEMANTIC": "off",
-                 "STRATA_REDIS_URL": f"redis://{HOST}:{redis_port}/0",
-                 "STRATA_L1_MAX_BYTES": str(args.l1_mb * 2**20)},
-            cpu=None,
-        )  # fmt: skip
-        wait_http(gateway, port, "/readyz", timeout=120)
         result = asyncio.run(soak(args, gateway.popen.pid, port))
     except BenchError as exc:
         print(f"[soak] ERROR: {exc}\n[soak] logs in {workdir}", file=sys.stderr)
@@ -189,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         f"at the end {result['rss_end_mib']} MiB (max {result['rss_max_mib']}): growth "
         f"{result['rss_growth']:+.1%} (< 10%: {'PASS' if result['rss_ok'] else 'FAIL'})\n"
         f"L1 bytes at most {result['l1_max_mib']} MiB, cap {args.l1_mb} MiB: "
-        f"{'PASS' if result['l1_ok'] else 'FAIL'}\nreplies by status: {result['replies']}"
+        f"{'PASS' if result['l1_ok'] else 'FAIL'}\n"
+        f"replies (by X-Strata-Cache, else HTTP status): {result['replies']}"
     )
     print(json.dumps(result))
     return 0 if result["rss_ok"] and result["l1_ok"] else 2

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +33,48 @@ from pydantic_settings import (
 
 CONFIG_ENV = "STRATA_CONFIG"
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls"})
+# What `X-Strata-TTL-Rule` says when no rule decided the TTL; no rule may take these names.
+RESERVED_RULE_NAMES = frozenset({"default", "client"})
+
+
+class TTLRuleSetting(BaseModel):
+    """One TTL rule (see `caches.ttl_rules`): `ttl` seconds for the requests that meet every
+    condition given. Regexes are checked here, so a bad one fails at start-up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    ttl: int = Field(ge=1, description="seconds, at most max_ttl")
+    model: str | None = Field(default=None, min_length=1, description="exact, or a glob")
+    tenant: str | None = Field(default=None, min_length=1)
+    pattern: str | None = Field(
+        default=None, min_length=1, description="regex searched in the last user message"
+    )
+    header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~\-]+$")
+    header_value: str | None = Field(default=None, min_length=1, description="regex")
+
+    @field_validator("pattern", "header_value")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regex: {exc}") from None
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value in RESERVED_RULE_NAMES:
+            raise ValueError(f"{sorted(RESERVED_RULE_NAMES)} are reserved names")
+        return value
+
+    @model_validator(mode="after")
+    def _header_pair(self) -> TTLRuleSetting:
+        if self.header_value is not None and self.header is None:
+            raise ValueError("header_value needs a header")
+        return self
 
 
 class Settings(BaseSettings):
@@ -90,7 +141,14 @@ class Settings(BaseSettings):
     cache_enabled: bool = True
     default_ttl: int = Field(default=3600, ge=1, description="seconds")
     max_ttl: int = Field(default=30 * 24 * 3600, ge=1, description="cap on X-Strata-TTL, seconds")
+    # Tried in order on every cacheable miss; the first that matches sets the TTL, else
+    # default_ttl. A client's X-Strata-TTL wins over them. See `caches.ttl_rules`.
+    ttl_rules: list[TTLRuleSetting] = Field(default_factory=list)
     model_epoch: str = Field(default="1", min_length=1, max_length=128)
+    # Add the engine's fingerprint (served models, weights, tokenizer, chat template) to the
+    # epoch, checked every `model_epoch_interval` seconds: a new model never gets old answers.
+    model_epoch_auto: bool = True
+    model_epoch_interval: float = Field(default=2.0, gt=0, le=3600, description="seconds")
     storable_finish_reasons: frozenset[str] = FINISH_REASONS
     max_entry_bytes: ByteSize = Field(default=ByteSize(2 * 1024 * 1024), gt=0)
 
@@ -207,6 +265,23 @@ class Settings(BaseSettings):
         if both := sorted(set(keys) & set(loaded)):
             raise ValueError(f"tenants both in api_keys and api_keys_file: {both}")
         return {**data, "api_keys": {**keys, **loaded}}
+
+    @field_validator("ttl_rules")
+    @classmethod
+    def _unique_rules(cls, value: list[TTLRuleSetting]) -> list[TTLRuleSetting]:
+        names = [rule.name for rule in value]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"rule names must be unique; repeated: {twice}")
+        return value
+
+    @model_validator(mode="after")
+    def _rules_within_max_ttl(self) -> Settings:
+        for i, rule in enumerate(self.ttl_rules):
+            if rule.ttl > self.max_ttl:
+                raise ValueError(
+                    f"ttl_rules[{i}] ({rule.name}): ttl {rule.ttl} exceeds max_ttl {self.max_ttl}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _ttl_order(self) -> Settings:

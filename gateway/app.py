@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from starlette.types import Receive, Scope, Send
 
 from caches import CacheChain, CacheLayer, MemoryCache, RedisCache
+from caches.generations import Generations
 from caches.redis_cache import connect
 from caches.semantic import SemanticCache
 from config import Settings
@@ -28,6 +29,7 @@ from engine import EngineClient
 from engine.breaker import Breaker
 from engine.launcher import EngineLaunchError, EngineSupervisor
 from gateway import admin, errors, routes
+from gateway.epochs import EngineEpoch, Epochs, FixedEpoch
 from gateway.fastpath import CompletionRoutes
 from gateway.flow import CompletionService
 from gateway.metrics import EngineMetrics, GatewayMetrics
@@ -123,6 +125,31 @@ async def build_semantic(settings: Settings, clock: Callable[[], float]) -> Sema
     )
 
 
+async def build_epochs(
+    settings: Settings, engine: EngineClient, chain: CacheChain, stack: AsyncExitStack
+) -> Epochs:
+    """The configured epoch, the engine's fingerprint and the invalidation generations, started
+    (every replica on one Redis shares the generations) and closed with `stack`."""
+    client = None
+    if settings.redis_enabled:
+        client = connect(settings.redis_url, timeout=settings.redis_timeout, max_connections=8)
+        stack.push_async_callback(client.aclose)
+    generations = Generations(client, settings.redis_key_prefix)
+    for layer in chain.layers:
+        if isinstance(layer, MemoryCache):
+            generations.on_drop(layer.discard)
+    stack.push_async_callback(generations.aclose)
+    await generations.start()
+    engine_epoch: EngineEpoch | FixedEpoch = FixedEpoch()
+    if settings.model_epoch_auto:
+        engine_epoch = EngineEpoch(
+            engine, interval=settings.model_epoch_interval, deadline=settings.engine_health_timeout
+        )
+        stack.push_async_callback(engine_epoch.aclose)
+        await engine_epoch.start()
+    return Epochs(settings.model_epoch, engine_epoch, generations)
+
+
 def build_engine(settings: Settings) -> EngineClient:
     return EngineClient(
         settings.upstream_url,
@@ -198,6 +225,7 @@ def create_app(
                     stack.push_async_callback(l3.aclose)
             if l3 is not None:
                 await l3.start()
+            epochs = await build_epochs(settings, engine_client, chain, stack)
             metrics = GatewayMetrics(metrics_registry)
             service = CompletionService(
                 settings,
@@ -206,6 +234,7 @@ def create_app(
                 clock=clock,
                 observe_engine=metrics.observe_engine,
                 semantic=l3,
+                epochs=epochs,
             )
             stack.push_async_callback(service.aclose)
             engine_metrics = EngineMetrics(engine_client)

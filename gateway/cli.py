@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -274,7 +276,139 @@ def build_parser() -> argparse.ArgumentParser:
         help="the embedding model's arithmetic, as STRATA_SEMANTIC_EMBED_DTYPE (default: auto)",
     )
     evaluate.set_defaults(handler=_semantic_eval)
+
+    _cache_parser(commands)
+
+    warm = commands.add_parser(
+        "warm", help="fill a running gateway's cache from a JSON-lines file (see gateway.warm)"
+    )
+    warm.add_argument(
+        "file", type=Path, help='one request, or {"request": ..., "response": ...}, per line'
+    )
+    warm.add_argument(
+        "--concurrency", type=_positive_int, default=8, help="requests in flight (default 8)"
+    )
+    warm.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds per request (default 120)"
+    )
+    warm.add_argument("--dry-run", action="store_true", help="check the file, send nothing")
+    _remote_flags(warm)
+    warm.add_argument("--api-key", help="tenant API key (STRATA_API_KEY; prefer the variable)")
+    warm.set_defaults(handler=_warm)
     return parser
+
+
+def _cache_parser(commands: Any) -> None:
+    """`strata cache stats | invalidate | forget`: a running gateway's caches, by its admin API."""
+    cache = commands.add_parser("cache", help="a running gateway's caches (admin API)")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    stats = cache_commands.add_parser(
+        "stats", help="per layer: entries, bytes, hits, misses, errors, hit ratio, tokens saved"
+    )
+    stats.add_argument("--json", action="store_true", help="print the admin API's JSON as it is")
+    _remote_flags(stats)
+    stats.set_defaults(handler=_cache_stats)
+    invalidate = cache_commands.add_parser(
+        "invalidate",
+        help="stop serving every entry of a tenant, a model, a namespace, or all of them "
+        "(every replica, at once)",
+    )
+    which = invalidate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every entry (keeps the storage)")
+    which.add_argument("--tenant", help="every entry of this tenant")
+    which.add_argument("--model", help="every entry for this model (as requests name it)")
+    which.add_argument("--namespace", help="every entry filed under this X-Strata-Namespace")
+    _remote_flags(invalidate)
+    invalidate.set_defaults(handler=_cache_invalidate)
+    forget = cache_commands.add_parser(
+        "forget", help="remove a bad answer, and in L3 every entry that would serve it again"
+    )
+    forget.add_argument("request", type=Path, help="the request body (JSON file, - for stdin)")
+    forget.add_argument("--route", choices=("chat", "completions"), help="default: from the body")
+    forget.add_argument("--namespace", help="the request's X-Strata-Namespace, if it had one")
+    _remote_flags(forget)
+    forget.add_argument("--api-key", help="the tenant's API key (STRATA_API_KEY)")
+    forget.set_defaults(handler=_cache_forget)
+
+
+def _remote_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the gateway is and how to be let in (see `gateway.remote`)."""
+    parser.add_argument("--url", help="the gateway (STRATA_URL; default http://127.0.0.1:8080)")
+    parser.add_argument("--admin-key", help="admin key (STRATA_ADMIN_KEY; prefer the variable)")
+
+
+def _cache_stats(args: argparse.Namespace) -> int:
+    from gateway.remote import RemoteError, Target, admin_call  # noqa: PLC0415 - fast --help
+    from gateway.stats_table import render  # noqa: PLC0415
+
+    try:
+        stats = admin_call(Target.resolve(args.url, args.admin_key), "GET", "/admin/cache/stats")
+        print(json.dumps(stats, indent=2) if args.json else render(stats))
+    except (RemoteError, ValueError) as exc:
+        raise _fail(str(exc), 1) from None
+    return 0
+
+
+def _cache_invalidate(args: argparse.Namespace) -> int:
+    from gateway.remote import RemoteError, Target, admin_call  # noqa: PLC0415
+
+    scope, value = "all", None
+    for name in ("tenant", "model", "namespace"):
+        if getattr(args, name):
+            scope, value = name, getattr(args, name)
+    body = {"scope": scope} if value is None else {"scope": scope, "value": value}
+    try:
+        answer = admin_call(
+            Target.resolve(args.url, args.admin_key), "POST", "/admin/cache/invalidate", body=body
+        )
+    except RemoteError as exc:
+        raise _fail(str(exc), 1) from None
+    what = "every entry" if scope == "all" else f"{scope} {value!r}"
+    print(f"invalidated {what}: generation {answer['generation']}, on every replica")
+    return 0
+
+
+def _cache_forget(args: argparse.Namespace) -> int:
+    from gateway.remote import RemoteError, Target, admin_call  # noqa: PLC0415
+
+    try:
+        text = sys.stdin.read() if str(args.request) == "-" else args.request.read_text("utf-8")
+        request = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise _fail(f"{args.request}: {exc}") from None
+    body: dict[str, object] = {"request": request}
+    if args.route:
+        body["route"] = args.route
+    target = Target.resolve(args.url, args.admin_key, args.api_key)
+    headers = {"x-strata-namespace": args.namespace} if args.namespace else None
+    try:
+        answer = admin_call(target, "POST", "/admin/cache/forget", body=body, headers=headers)
+    except RemoteError as exc:
+        raise _fail(str(exc), 1) from None
+    print(
+        f"forgot entry {answer['key'][:16]}: removed from {answer['layers']} layer(s), "
+        f"{answer['semantic']} semantic entr{'y' if answer['semantic'] == 1 else 'ies'}"
+    )
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError("must be between 1 and 1024")
+    return value
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from gateway.remote import Target  # noqa: PLC0415 - keep `strata --help` fast
+    from gateway.warm import run  # noqa: PLC0415
+
+    if not args.file.is_file():
+        raise _fail(f"{args.file}: no such file")
+    target = Target.resolve(args.url, args.admin_key, args.api_key)
+    return run(
+        args.file, target, concurrency=args.concurrency, timeout=args.timeout, dry_run=args.dry_run
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

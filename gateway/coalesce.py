@@ -4,9 +4,10 @@
 Guarantees:
 - at most one `Flight` per exact cache key at a time (the key covers the tenant, so tenants never
   share one); the first request to miss leads it, the others wait on it;
-- every flight ends exactly once, with an `Outcome`: the complete answer's body, the error the
-  leader got (which is never cached), or neither — the leader ended without an answer nobody was
-  waiting for — and a waiter then asks the engine itself;
+- every flight ends exactly once, with an `Outcome`: the complete answer's body (and its usage,
+  for the tokens-saved counters), the error the leader got (which is never cached), or neither —
+  the leader ended without an answer nobody was waiting for — and a waiter then asks the engine
+  itself;
 - a waiter waits at most the time it is given; the flight is unaffected by a waiter that gives up
   or goes away.
 
@@ -25,6 +26,8 @@ from gateway.errors import APIError
 class Outcome:
     body: bytes | None = None
     error: APIError | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 NO_ANSWER = Outcome()

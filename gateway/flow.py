@@ -7,7 +7,13 @@ the body sent to the engine is the one the client sent (plus the tenant's `cache
 chunk is kept from the client); only complete successful answers are stored; the cache never fails
 a request (the chain fails open); engine failures become OpenAI-shaped errors with the right
 status; every answer says how it was served (`X-Strata-Cache`, and on hits `X-Strata-Layer` and
-`Age`) and where the time went (`Server-Timing`).
+`Age`; on cacheable misses `X-Strata-TTL-Rule`, what set the TTL it is stored with: the client's
+`X-Strata-TTL`, else the first matching TTL rule, else the default — chosen on the store path
+only) and where the time went (`Server-Timing`). `fill` stores a given answer exactly where a
+request's own answer would go (`strata warm`). What operators graph — seconds per lookup and
+layer, tokens each cache answer saved, the similarity of L3 hits, the engine's time to first token
+— goes into plain histograms and counters (`gateway.histogram`) read at scrape time: the hit path
+touches no metric object.
 
 Streams (`stream: true`) take the same path. A hit is replayed as an event stream
 (`gateway.replay`), whichever way the answer was stored. A miss is relayed event by event as the
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -42,9 +49,11 @@ from starlette.responses import Response
 
 from caches import (
     CacheChain,
+    CacheControl,
     CachedResponse,
     CacheKey,
     ControlError,
+    Decision,
     build_key,
     decide,
     parse_cache_control,
@@ -52,15 +61,20 @@ from caches import (
     usage_tokens,
 )
 from caches.embedder import Embedding
+from caches.generations import Generations
 from caches.semantic import SemanticCache
 from caches.semantic_scope import SemanticScope, semantic_scope
+from caches.ttl_rules import TTLRule, TTLRules
 from config import Settings
 from engine import EngineClient, EngineError, UpstreamResponse, upstream_error
 from engine.client import EngineResponse
 from engine.errors import EngineProtocolError
 from engine.isolation import cache_salt, salted_body
 from gateway.coalesce import NO_ANSWER, Flight, Flights, Outcome
+from gateway.entries import Filled, completion_object
+from gateway.epochs import Epochs, FixedEpoch
 from gateway.errors import APIError, error_payload
+from gateway.histogram import LOOKUP_BUCKETS, SIMILARITY_BUCKETS, TTFT_BUCKETS, PlainHistogram
 from gateway.replay import ReplayError, replay
 from gateway.schemas import (
     ChatCompletionRequest,
@@ -125,6 +139,45 @@ class EngineTokens:
             self.cached += cached
 
 
+@dataclass(slots=True)
+class SavedTokens:
+    """Tokens answers served without the engine would have cost it, from their stored usage."""
+
+    prompt: int = 0
+    completion: int = 0
+
+
+def _usage_of(payload: Any) -> tuple[int, int]:
+    return usage_tokens(payload) if isinstance(payload, dict) else (0, 0)
+
+
+# While the engine's fingerprint was never established, the model behind an answer is unknown.
+UNKNOWN_EPOCH = Decision(lookup=False, store=False, reason="model-unknown")
+
+NAMESPACE_HEADER = "x-strata-namespace"
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+
+
+def _namespace(headers: Mapping[str, str]) -> str:
+    """The namespace a client files its entries under (`X-Strata-Namespace`); "" for none."""
+    value = headers.get(NAMESPACE_HEADER)
+    if value is None:
+        return ""
+    if _NAMESPACE.fullmatch(value) is None:
+        raise APIError(
+            400,
+            "X-Strata-Namespace must be 1-64 characters of letters, digits and _ . : -",
+            param=NAMESPACE_HEADER,
+            code="invalid_header",
+        )
+    return value
+
+
+def _model_of(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) else ""
+
+
 def _timing(parts: tuple[tuple[str, float], ...]) -> str:
     return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts)
 
@@ -160,6 +213,8 @@ class StoreTarget:
     embedding: Embedding | None
     # The flight this request leads, when identical requests may wait on it.
     flight: Flight | None = None
+    # What decided `ttl` (`X-Strata-TTL-Rule`): a rule's name, `client` or `default`.
+    ttl_rule: str = "default"
 
 
 class _Lease:
@@ -171,6 +226,16 @@ class _Lease:
     def __init__(self, upstream: UpstreamResponse) -> None:
         self.upstream = upstream
         self.handed = False
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What `forget` removed: the exact key's digest, how many layers held it, and how many L3
+    entries (it and its neighbours) this replica held."""
+
+    key: str
+    layers: int
+    semantic: int
 
 
 class CompletionService:
@@ -185,13 +250,23 @@ class CompletionService:
         clock: Callable[[], float] = time.time,
         observe_engine: Callable[[str, float], None] | None = None,
         semantic: SemanticCache | None = None,
+        epochs: Epochs | None = None,
     ) -> None:
         self._engine = engine
         self._chain = chain
         self._clock = clock
-        self._epoch = settings.model_epoch
+        # Without a running gateway's epochs (tests, tools): the configured epoch, local
+        # generations, no engine fingerprint.
+        self.epochs = epochs or Epochs(
+            settings.model_epoch, FixedEpoch(), Generations(None, settings.redis_key_prefix)
+        )
         self._max_ttl = settings.max_ttl
         self._default_ttl = settings.default_ttl
+        self._ttl_rules = TTLRules(
+            [TTLRule(**rule.model_dump()) for rule in settings.ttl_rules],
+            default_ttl=settings.default_ttl,
+            max_ttl=settings.max_ttl,
+        )
         self._max_entry = int(settings.max_entry_bytes)
         self._finish = settings.storable_finish_reasons
         self._enabled = settings.cache_enabled
@@ -205,6 +280,16 @@ class CompletionService:
         self.outcomes: Counter[tuple[str, int, str]] = Counter()
         self._observe_engine = observe_engine
         self._semantic = semantic
+        # Plain histograms and counters too, for the hit path's own numbers (`gateway.histogram`):
+        # seconds per lookup by layer, tokens saved by layer (and "coalesced"), the similarity of
+        # L3 hits, and the engine's time to first token of streamed misses by route.
+        layers = [layer.name for layer in chain.layers] + ["l3"] * (semantic is not None)
+        self.lookup_seconds = {name: PlainHistogram(LOOKUP_BUCKETS) for name in layers}
+        self.tokens_saved = {name: SavedTokens() for name in [*layers, "coalesced"]}
+        self.similarity = PlainHistogram(SIMILARITY_BUCKETS)
+        self.ttft_seconds: dict[str, PlainHistogram] = {
+            name: PlainHistogram(TTFT_BUCKETS) for name in ROUTES
+        }
         self._semantic_max_chars = settings.semantic_max_chars
         self._coalesce_wait = settings.coalesce_wait
         self._max_messages = settings.max_messages
@@ -241,6 +326,10 @@ class CompletionService:
         engine themselves when there is none to give (cancelled, unexpected)."""
         self._end(target, Outcome(error=exc) if isinstance(exc, APIError) else NO_ANSWER)
 
+    @property
+    def semantic(self) -> SemanticCache | None:
+        return self._semantic
+
     def salt_of(self, tenant: str) -> str:
         salt = self._salts.get(tenant)
         if salt is None:
@@ -271,22 +360,25 @@ class CompletionService:
         body = parse_json_object(raw)
         validate(spec.schema, body)
         check_limits(body, max_messages=self._max_messages, max_chars=self._max_chars)
-        try:
-            control = parse_cache_control(
-                headers.get("cache-control"), headers.get("x-strata-ttl"), max_ttl=self._max_ttl
-            )
-        except ControlError as exc:
-            raise APIError(400, str(exc), param=exc.header, code="invalid_header") from exc
+        control = self._control(headers)
         decision = decide(body, control, enabled=self._enabled)
         stream = body.get("stream") is True
 
         key: CacheKey | None = None
         timings: tuple[tuple[str, float], ...] = ()
+        epoch = ""
         if decision.lookup or decision.store:
-            key = build_key(spec.name, body, tenant=tenant, epoch=self._epoch)
+            keyed = self._key(spec, body, tenant, headers)
+            if keyed is None:
+                decision = UNKNOWN_EPOCH
+            else:
+                key, epoch = keyed
         if decision.lookup and key is not None:
             lookup = await self._chain.get(key, max_age=control.max_age)
             timings = lookup.timings
+            for layer, seconds in timings:
+                if seconds:  # 0.0: not asked (known absent, or its breaker open)
+                    self.lookup_seconds[layer].observe(seconds)
             if lookup.value is not None:
                 hit = self._hit(spec, body, lookup.value, lookup.layer or "", timings=timings)
                 if hit is not None:
@@ -294,13 +386,17 @@ class CompletionService:
 
         # L3 only once L1/L2 missed: a hit there costs no embedding.
         scope = (
-            self._semantic_scope(spec, body, tenant) if decision.lookup or decision.store else None
+            self._semantic_scope(spec, body, tenant, epoch)
+            if decision.lookup or decision.store
+            else None
         )
         embedding: Embedding | None = None
         if scope is not None and decision.lookup and self._semantic is not None:
             started = time.perf_counter()
             near, embedding = await self._semantic.lookup(scope)
-            timings = (*timings, ("l3", time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            self.lookup_seconds["l3"].observe(seconds)
+            timings = (*timings, ("l3", seconds))
             if near is not None and (
                 control.max_age is None or near.value.age(self._clock()) <= control.max_age
             ):
@@ -308,6 +404,7 @@ class CompletionService:
                     spec, body, near.value, "l3", timings=timings, similarity=near.similarity
                 )
                 if hit is not None:
+                    self.similarity.observe(near.similarity)
                     return hit
 
         target = None
@@ -318,10 +415,125 @@ class CompletionService:
                 flight, leads = self.flights.join(key.digest)
                 if not leads:
                     return await self._follow(spec, body, raw, tenant, flight, timings=timings)
-            target = StoreTarget(key, control.ttl, scope, embedding, flight)
+            ttl, rule = self._ttl(spec, body, tenant, headers, control)
+            target = StoreTarget(key, ttl, scope, embedding, flight, rule)
         # From here on the leader's flight is ended by `_call` or by the stream's relay.
         return await answer(spec, body, raw, tenant, reason=decision.reason, target=target,
                             timings=timings)  # fmt: skip
+
+    def _control(self, headers: Mapping[str, str]) -> CacheControl:
+        """The client's cache-control headers; a 400 naming the malformed one."""
+        try:
+            return parse_cache_control(
+                headers.get("cache-control"), headers.get("x-strata-ttl"), max_ttl=self._max_ttl
+            )
+        except ControlError as exc:
+            raise APIError(400, str(exc), param=exc.header, code="invalid_header") from exc
+
+    def _key(
+        self, spec: RouteSpec, body: dict[str, Any], tenant: str, headers: Mapping[str, str]
+    ) -> tuple[CacheKey, str] | None:
+        """The exact key of a request and the epoch it is built under; `None` while the epoch
+        of its model is not known. The one place keys are made: answers and fills agree."""
+        epoch = self.epochs.of(tenant, _model_of(body), _namespace(headers))
+        if epoch is None:
+            return None
+        return build_key(spec.name, body, tenant=tenant, epoch=epoch), epoch
+
+    def _ttl(
+        self,
+        spec: RouteSpec,
+        body: dict[str, Any],
+        tenant: str,
+        headers: Mapping[str, str],
+        control: CacheControl,
+    ) -> tuple[int, str]:
+        """How long a cacheable miss is stored, and what decided it: the client's X-Strata-TTL
+        (`client`), else the first TTL rule that matches (its name), else `default`. Only on the
+        store path: a hit never gets here."""
+        if control.ttl is not None:
+            return control.ttl, "client"
+        ttl, rule = self._ttl_rules.choose(spec.name, body, tenant, headers)
+        return ttl, rule or "default"
+
+    async def fill(
+        self,
+        route: RouteName,
+        body: dict[str, Any],
+        headers: Mapping[str, str],
+        answer: str | dict[str, Any],
+        *,
+        usage: tuple[int, int] = (0, 0),
+    ) -> Filled:
+        """Store `answer` (a text, or a whole completion object) as the answer to `body`,
+        where `_complete` will look for it: the same tenant, checks, policy, key, TTL choice and
+        layers, L3 included. A 400 for a request the flow would not store, or an answer it would
+        not store. For `POST /admin/cache/entries` (`strata warm`)."""
+        spec = ROUTES[route]
+        tenant = self._tenants.resolve(headers)
+        validate(spec.schema, body)
+        check_limits(body, max_messages=self._max_messages, max_chars=self._max_chars)
+        control = self._control(headers)
+        decision = decide(body, control, enabled=self._enabled)
+        keyed = self._key(spec, body, tenant, headers) if decision.store else None
+        if keyed is None:
+            raise APIError(
+                400,
+                f"This request is not cached ({decision.reason or UNKNOWN_EPOCH.reason}), so "
+                "no answer can be stored for it.",
+                param="request",
+                code="not_cacheable",
+            )
+        key, epoch = keyed
+        payload = answer
+        if isinstance(answer, str):
+            created = int(self._clock())
+            payload = completion_object(route, body["model"], answer, usage=usage, created=created)
+        content = orjson.dumps(payload)
+        if not storable(200, payload, self._finish):
+            raise APIError(
+                400,
+                f"The answer is not complete: every choice needs a finish_reason in "
+                f"{sorted(self._finish)}.",
+                param="response",
+                code="not_storable",
+            )
+        if len(content) > self._max_entry:
+            raise APIError(
+                400,
+                f"The answer is larger than max_entry_bytes ({self._max_entry} bytes).",
+                param="response",
+                code="entry_too_large",
+            )
+        ttl, rule = self._ttl(spec, body, tenant, headers, control)
+        scope = self._semantic_scope(spec, body, tenant, epoch)
+        await self._store(StoreTarget(key, ttl, scope, None, ttl_rule=rule), content, payload)
+        return Filled(key.digest, ttl, rule)
+
+    async def forget(
+        self, route: RouteName, body: dict[str, Any], headers: Mapping[str, str]
+    ) -> Forgotten:
+        """Remove the answer `body` gets from the cache: its exact entry from every layer (and
+        from the memory of every replica), and in L3 that entry and every entry that would be
+        served for its question. For answers reported bad (`POST /admin/cache/forget`)."""
+        spec = ROUTES[route]
+        tenant = self._tenants.resolve(headers)
+        validate(spec.schema, body)
+        keyed = self._key(spec, body, tenant, headers)
+        if keyed is None:
+            raise APIError(
+                503,
+                "The engine's model is not known yet, so neither is where its answers are kept.",
+                code="model_unknown",
+            )
+        key, epoch = keyed
+        exact = await self._chain.delete(key)
+        await self.epochs.generations.drop(key.digest)
+        semantic = 0
+        scope = self._semantic_scope(spec, body, tenant, epoch)
+        if scope is not None and self._semantic is not None:
+            semantic = await self._semantic.forget(scope, key.digest)
+        return Forgotten(key.digest, exact, semantic)
 
     async def _follow(
         self,
@@ -350,6 +562,9 @@ class CompletionService:
                     content = b""
             if content:
                 self.outcomes[(spec.name, 200, "coalesced")] += 1
+                saved = self.tokens_saved["coalesced"]
+                saved.prompt += outcome.prompt_tokens
+                saved.completion += outcome.completion_tokens
                 headers = {"x-strata-cache": "coalesced", "server-timing": _timing(timings)}
                 if streamed:
                     headers["cache-control"] = "no-cache"
@@ -382,6 +597,8 @@ class CompletionService:
         headers = {"x-strata-cache": outcome, "server-timing": _timing(timings)}
         if reason:
             headers["x-strata-cache-reason"] = reason
+        if target is not None:
+            headers["x-strata-ttl-rule"] = target.ttl_rule
         return Response(answer.body, media_type=answer.content_type or JSON, headers=headers)
 
     async def _call(
@@ -414,16 +631,20 @@ class CompletionService:
         except BaseException as exc:
             self._end_failed(target, exc)
             raise
-        self._end(target, Outcome(body=answer.body))
+        if target is not None and target.flight is not None:
+            prompt, completion = _usage_of(payload)
+            self._end(
+                target, Outcome(answer.body, prompt_tokens=prompt, completion_tokens=completion)
+            )
         return answer, engine_time
 
     def _semantic_scope(
-        self, spec: RouteSpec, body: dict[str, Any], tenant: str
+        self, spec: RouteSpec, body: dict[str, Any], tenant: str, epoch: str
     ) -> SemanticScope | None:
         if self._semantic is None:
             return None
         found = semantic_scope(
-            spec.name, body, tenant=tenant, epoch=self._epoch, max_chars=self._semantic_max_chars
+            spec.name, body, tenant=tenant, epoch=epoch, max_chars=self._semantic_max_chars
         )
         return found if isinstance(found, SemanticScope) else None
 
@@ -447,6 +668,9 @@ class CompletionService:
                 log.debug("a %s hit cannot be replayed as a stream (%s)", layer, exc)
                 return None
         self.outcomes[(spec.name, 200, "hit")] += 1
+        saved = self.tokens_saved[layer]
+        saved.prompt += value.prompt_tokens
+        saved.completion += value.completion_tokens
         headers = {
             "x-strata-cache": "hit",
             "x-strata-layer": layer,
@@ -515,6 +739,8 @@ class CompletionService:
         headers = {"x-strata-cache": outcome, "server-timing": _timing(timings)}
         if reason:
             headers["x-strata-cache-reason"] = reason
+        if target is not None:
+            headers["x-strata-ttl-rule"] = target.ttl_rule
         lease = _Lease(upstream)
         events = (
             self._relay(spec, upstream, started)
@@ -534,8 +760,12 @@ class CompletionService:
         self, spec: RouteSpec, upstream: UpstreamResponse, started: float
     ) -> AsyncGenerator[bytes, None]:
         """Pass an uncached stream through byte for byte, as it arrives."""
+        first = True
         try:
             async for chunk in upstream:
+                if first:
+                    first = False
+                    self.ttft_seconds[spec.name].observe(time.perf_counter() - started)
                 yield chunk
         except EngineError as exc:
             log.warning("engine stream broke off: %s", exc.message)
@@ -554,8 +784,12 @@ class CompletionService:
     ) -> AsyncGenerator[bytes, None]:
         """Relay a cacheable stream event by event and store it once it finished normally."""
         tee = StreamTee(spec.name, hide_usage=hide_usage)
+        first = True
         try:
             async for chunk in lease.upstream:
+                if first:
+                    first = False
+                    self.ttft_seconds[spec.name].observe(time.perf_counter() - started)
                 now, after = tee.feed(chunk)
                 if now:
                     yield now
@@ -614,10 +848,11 @@ class CompletionService:
             return
         self.engine_tokens.count(answer)
         content = orjson.dumps(answer)
+        prompt, completion = usage_tokens(answer)
         try:
             await self._store(target, content, answer)
         finally:
-            self._end(target, Outcome(body=content))
+            self._end(target, Outcome(content, prompt_tokens=prompt, completion_tokens=completion))
 
     def _observe(self, spec: RouteSpec, started: float) -> None:
         if self._observe_engine is not None:

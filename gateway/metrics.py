@@ -2,16 +2,23 @@
 
 Guarantees: every metric lives in the registry passed in (tests use a fresh `CollectorRegistry`);
 counters end in `_total` and are counters, never gauges; the hit path updates no metric objects —
-request and cache counters are plain integers kept by the flow and the chain and read here at scrape
-time; label sets are bounded (route, status, outcome, layer, result).
+request and cache counters are plain integers, and the lookup-latency, similarity and time-to-first-
+token histograms plain `gateway.histogram.PlainHistogram`s, kept by the flow and the chain and read
+here at scrape time; label sets are bounded (route, status, outcome, layer, result, kind).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -19,6 +26,7 @@ from caches import CacheChain, MemoryCache, RedisCache
 from engine import EngineClient, EngineError
 from engine.breaker import Breaker
 from gateway.flow import CompletionService
+from gateway.histogram import PlainHistogram
 
 ENGINE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -27,6 +35,22 @@ ENGINE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 6
 _VLLM_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
 _VLLM_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
 _VLLM_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+def _buckets(histogram: PlainHistogram) -> list[tuple[str, float]]:
+    return [
+        ("+Inf" if bound == math.inf else repr(bound), count)
+        for bound, count in histogram.cumulative()
+    ]
+
+
+def histogram_family(
+    name: str, documentation: str, label: str, histograms: dict[str, PlainHistogram]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    for value, histogram in histograms.items():
+        family.add_metric([value], _buckets(histogram), histogram.sum)
+    return family
 
 
 def _sum(samples: dict[str, float], names: tuple[str, ...]) -> float | None:
@@ -141,6 +165,15 @@ class GatewayCollector(Collector):
             stores.add_metric([name, "ok"], c.stores)
             stores.add_metric([name, "error"], c.store_errors)
             errors.add_metric([name], c.errors + c.store_errors)
+        l3 = self._service.semantic
+        if l3 is not None:
+            s = l3.counters
+            lookups.add_metric(["l3", "hit"], s.hits)
+            lookups.add_metric(["l3", "miss"], s.misses)
+            lookups.add_metric(["l3", "error"], s.errors)
+            stores.add_metric(["l3", "ok"], s.stores)
+            stores.add_metric(["l3", "error"], s.store_errors)
+            errors.add_metric(["l3"], s.errors + s.store_errors)
         yield lookups
         yield stores
         yield errors
@@ -155,7 +188,10 @@ class GatewayCollector(Collector):
         yield up
 
         entries = GaugeMetricFamily(
-            "strata_cache_entries", "Entries held by in-process layers.", labels=["layer"]
+            "strata_cache_entries",
+            "Entries held: by L1 and L3 (in process), and by L2 as the key-presence list counts "
+            "them (only while it is in sync with Redis).",
+            labels=["layer"],
         )
         size = GaugeMetricFamily(
             "strata_cache_bytes", "Response bytes held by in-process layers.", labels=["layer"]
@@ -164,9 +200,41 @@ class GatewayCollector(Collector):
             if isinstance(layer, MemoryCache):
                 entries.add_metric([layer.name], float(len(layer)))
                 size.add_metric([layer.name], float(layer.bytes))
+            elif isinstance(layer, RedisCache) and layer.presence and layer.presence.synced:
+                # Read off the in-process list: a scrape never walks the Redis keyspace.
+                entries.add_metric([layer.name], float(len(layer.presence)))
+        if l3 is not None:
+            entries.add_metric(["l3"], float(l3.size))
         yield entries
         yield size
 
+        yield from self._breakers()
+        yield from self._presence()
+        yield from self._flow()
+        yield from self._epochs()
+        yield from self._engine.families()
+
+    def _epochs(self) -> Iterable[Metric]:
+        engine = self._service.epochs.engine
+        yield GaugeMetricFamily(
+            "strata_model_epoch_known",
+            "1 once the engine's fingerprint (models, weights, tokenizer, chat template) is "
+            "known; 0 while it never was, and nothing is cached.",
+            value=0.0 if engine.value is None else 1.0,
+        )
+        yield CounterMetricFamily(
+            "strata_model_epoch_changes",
+            "Times the engine's fingerprint changed: the model or its template was replaced, "
+            "and entries of the old one stopped being served.",
+            value=float(getattr(engine, "changes", 0)),
+        )
+        yield CounterMetricFamily(
+            "strata_cache_generation_reloads",
+            "Times this replica re-read the invalidation generations from Redis.",
+            value=float(self._service.epochs.generations.reloads),
+        )
+
+    def _breakers(self) -> Iterable[Metric]:
         breakers = {"engine": self._engine.breaker, **self._chain.gates}
         state = GaugeMetricFamily(
             "strata_breaker_open",
@@ -184,6 +252,7 @@ class GatewayCollector(Collector):
         yield state
         yield opened
 
+    def _presence(self) -> Iterable[Metric]:
         for layer in self._chain.layers:
             presence = layer.presence if isinstance(layer, RedisCache) else None
             if presence is None:
@@ -203,6 +272,38 @@ class GatewayCollector(Collector):
                 value=presence.skips,
             )
 
+    def _flow(self) -> Iterable[Metric]:
+        yield histogram_family(
+            "strata_cache_lookup_duration_seconds",
+            "Seconds per cache lookup by layer: hits, misses and errors alike. A layer not asked "
+            "(L2 known absent from the in-process key list, or its breaker open) is not timed.",
+            "layer",
+            self._service.lookup_seconds,
+        )
+        saved = CounterMetricFamily(
+            "strata_tokens_saved",
+            "Tokens the engine did not compute because the cache answered, by layer (or "
+            "coalesced) and kind (prompt, completion), from the answers' stored usage.",
+            labels=["layer", "kind"],
+        )
+        for name, tokens_saved in self._service.tokens_saved.items():
+            saved.add_metric([name, "prompt"], tokens_saved.prompt)
+            saved.add_metric([name, "completion"], tokens_saved.completion)
+        yield saved
+        similarity = self._service.similarity
+        yield HistogramMetricFamily(
+            "strata_semantic_hit_similarity",
+            "Cosine similarity between the question and the cached one, of the L3 hits served.",
+            buckets=_buckets(similarity),
+            sum_value=similarity.sum,
+        )
+        yield histogram_family(
+            "strata_engine_time_to_first_token_seconds",
+            "Time from sending a streamed request to the engine to its first chunk, by route.",
+            "route",
+            self._service.ttft_seconds,
+        )
+
         tokens = self._service.engine_tokens
         yield CounterMetricFamily(
             "strata_engine_prompt_tokens",
@@ -215,7 +316,6 @@ class GatewayCollector(Collector):
             "(usage.prompt_tokens_details.cached_tokens).",
             value=tokens.cached,
         )
-        yield from self._engine.families()
 
 
 class GatewayMetrics:

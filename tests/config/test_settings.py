@@ -148,3 +148,76 @@ def test_a_bad_api_keys_file_fails_at_start(tmp_path: Path, content: str, messag
 def test_a_missing_api_keys_file_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="api_keys_file"):
         Settings(api_keys_file=tmp_path / "nowhere.json")
+
+
+# --- TTL rules --------------------------------------------------------------------------------
+
+
+def test_ttl_rules_from_the_environment_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = [
+        {"name": "news", "ttl": 60, "pattern": r"(?i)\bnews\b"},
+        {"name": "batch", "ttl": 86400, "header": "X-Job-Kind", "header_value": "^batch$"},
+    ]
+    monkeypatch.setenv("STRATA_TTL_RULES", json.dumps(rules))
+    settings = Settings()
+    assert [(r.name, r.ttl) for r in settings.ttl_rules] == [("news", 60), ("batch", 86400)]
+    assert settings.ttl_rules[1].header == "X-Job-Kind"
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_ttl_rules_from_a_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    path = tmp_path / f"strata{suffix}"
+    if suffix == ".yaml":
+        path.write_text(
+            "ttl_rules:\n"
+            "  - {name: team-a, ttl: 120, tenant: team-a, model: 'llama-*'}\n"
+            "  - {name: weather, ttl: 60, pattern: '(?i)weather'}\n"
+        )
+    else:
+        path.write_text(
+            "[[ttl_rules]]\nname = 'team-a'\nttl = 120\ntenant = 'team-a'\nmodel = 'llama-*'\n"
+            "[[ttl_rules]]\nname = 'weather'\nttl = 60\npattern = '(?i)weather'\n"
+        )
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    rules = Settings().ttl_rules
+    assert [(r.name, r.ttl, r.tenant, r.model) for r in rules] == [
+        ("team-a", 120, "team-a", "llama-*"),
+        ("weather", 60, None, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        pytest.param([{"name": "a", "ttl": 5, "pattern": "(unclosed"}], "pattern", id="bad-regex"),
+        pytest.param(
+            [{"name": "a", "ttl": 5, "header": "x", "header_value": "["}],
+            "header_value",
+            id="bad-header-regex",
+        ),
+        pytest.param([{"name": "a", "ttl": 5}, {"name": "a", "ttl": 6}], "unique", id="duplicate"),
+        pytest.param([{"name": "a", "ttl": 0}], "ttl", id="ttl-below-1"),
+        pytest.param([{"name": "a", "ttl": 100}], "exceeds max_ttl", id="ttl-above-max"),
+        pytest.param([{"name": "default", "ttl": 5}], "reserved", id="reserved-name"),
+        pytest.param([{"name": "a b", "ttl": 5}], "name", id="name-not-a-header-token"),
+        pytest.param([{"name": "a", "ttl": 5, "header_value": "x"}], "needs a header", id="value"),
+        pytest.param([{"name": "a", "ttl": 5, "header": "a b"}], "header", id="bad-header-name"),
+        pytest.param([{"name": "a", "ttl": 5, "paterns": "x"}], "paterns", id="unknown-field"),
+    ],
+)
+def test_bad_ttl_rules_fail_at_start_naming_the_field(
+    rules: list[dict[str, object]], message: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(ttl_rules=rules, default_ttl=10, max_ttl=10)
+    assert "ttl_rules" in str(info.value)
+    assert message in str(info.value)
+
+
+def test_cli_names_a_bad_ttl_rule() -> None:
+    rules = json.dumps([{"name": "a", "ttl": 5, "pattern": "("}])
+    result = run_cli("serve", "--engine-url", "http://x", env={"STRATA_TTL_RULES": rules})
+    assert result.returncode == 2
+    assert "ttl_rules.0.pattern" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -11,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from engine import EngineClient
+from engine.fingerprint import PROBE, UNLISTED, fingerprint
 from tests.engine.conftest import MODEL, TENANT_KEYS, Stack
 
 pytestmark = pytest.mark.vllm
@@ -160,9 +163,31 @@ def test_client_disconnect_aborts_the_generation(vllm_stack: Stack) -> None:
     again.http_response.close()
 
 
+def test_the_engine_fingerprint_covers_the_chat_template_and_is_stable(vllm_stack: Stack) -> None:
+    async def twice() -> tuple[str | None, str | None]:
+        engine = EngineClient(vllm_stack.engine_url)
+        try:
+            return (await fingerprint(engine), await fingerprint(engine))
+        finally:
+            await engine.aclose()
+
+    first, second = asyncio.run(twice())
+    assert first is not None
+    assert first == second != UNLISTED
+    # It is vLLM's /tokenize with the chat template applied that went into it.
+    probe = {"model": MODEL, "messages": list(PROBE), "add_generation_prompt": True}
+    tokens = httpx.post(vllm_stack.engine_url + "/tokenize", json=probe, timeout=30).json()
+    assert len(tokens["tokens"]) > 30
+    metrics = httpx.get(vllm_stack.gateway.url + "/metrics", timeout=10).text
+    assert "strata_model_epoch_known 1.0" in metrics
+
+
 def test_zz_engine_crash_is_restarted(vllm_stack: Stack) -> None:
-    """Last in the module: kills vLLM under the gateway and waits for the restart."""
+    """Last in the module: kills vLLM under the gateway and waits for the restart. The same model
+    comes back with the same fingerprint, so what was cached before is still served."""
     c = client(vllm_stack)
+    kept = [{"role": "user", "content": f"Kept? {uuid.uuid4().hex[:6]}"}]
+    assert chat(c, kept)[0]["x-strata-cache"] == "miss"
     os.killpg(vllm_stack.vllm_pid(), signal.SIGKILL)
     time.sleep(1)
     down = httpx.post(
@@ -183,3 +208,5 @@ def test_zz_engine_crash_is_restarted(vllm_stack: Stack) -> None:
         pytest.fail(f"vLLM was not restarted:\n{vllm_stack.gateway.tail()}")
     _, _, answer = chat(c, [{"role": "user", "content": f"Back? {uuid.uuid4().hex[:6]}"}])
     assert answer.choices[0].message.content is not None
+    assert chat(c, kept)[0]["x-strata-cache"] == "hit"
+    assert "model changed" not in vllm_stack.gateway.log.read_text()

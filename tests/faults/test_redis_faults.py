@@ -57,7 +57,8 @@ async def test_redis_killed_for_10_s_under_load_fails_no_request(
     assert figures["failed"] == 0
     assert figures["requests"] >= 100 * 17 * 0.9
     assert l2_again <= 2.0
-    assert stack.chain.counters["l2"].errors > 0  # it did fail, and it was counted
+    l2 = stack.chain.counters["l2"]
+    assert l2.errors + l2.store_errors > 0  # it did fail, and it was counted
 
 
 async def test_a_blackholed_redis_costs_a_bounded_latency_and_opens_the_breaker(
@@ -108,4 +109,6 @@ async def test_a_slow_redis_costs_at_most_its_timeout_then_nothing(stack: Stack)
     print(json.dumps(figures))
     assert figures["failed"] == 0
     assert stack.chain.gates["l2"].state != "closed"  # its breaker opened
-    assert stack.chain.counters["l2"].errors > 0
+    # Its writes timed out (lookups too, unless the key-presence list answered them).
+    l2 = stack.chain.counters["l2"]
+    assert l2.errors + l2.store_errors > 0

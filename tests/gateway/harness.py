@@ -14,13 +14,16 @@ from fakeredis.aioredis import FakeRedis
 from prometheus_client import CollectorRegistry
 
 from caches import CacheChain, CacheLayer, MemoryCache, RedisCache
+from caches.embedder import EmbeddingBatcher, HashingEmbedder
 from caches.semantic import SemanticCache
+from caches.vector_index import VectorIndex
 from config import Settings
 from engine import EngineClient
 from engine.fake import FakeEngine
 from gateway import create_app
 from tests.asgi_server import served
 from tests.asgi_stream import StreamingASGITransport
+from tests.caches.semantic_fakes import CosineVerifier
 from tests.clock import FakeClock
 
 CHAT = "/v1/chat/completions"
@@ -49,6 +52,8 @@ class Harness:
     # With `streaming=True`: both hops stream like real connections (see tests.asgi_stream).
     engine_link: StreamingASGITransport | None = None
     engine_client: EngineClient | None = None
+    # The started app itself, e.g. to serve it on a socket (`tests.asgi_server.served`).
+    app: Any = None
 
     def engine_calls(self, path: str = CHAT) -> int:
         return self.engine.calls[path]
@@ -85,6 +90,8 @@ async def gateway(
     fake = engine or FakeEngine(model=MODEL)
     chain = CacheChain(layers(clock), clock=clock)
     settings.setdefault("semantic", "off")  # L3 tests inject their own
+    # A scripted engine answers every path with its script, its model list included.
+    settings.setdefault("model_epoch_auto", engine_transport is None)
     config = Settings(redis_enabled=False, **settings)
     link = StreamingASGITransport(fake) if streaming and not engine_over_tcp else None
     async with AsyncExitStack() as stack:
@@ -114,4 +121,23 @@ async def gateway(
                 base_url="http://strata.test",
             )
         )
-        yield Harness(http, fake, clock, chain, registry, config, link, client)
+        yield Harness(http, fake, clock, chain, registry, config, link, client, manager.app)
+
+
+@asynccontextmanager
+async def semantic_gateway(**settings: Any) -> AsyncIterator[Harness]:
+    """`gateway` with an L3 of its own: the hashing embedder (same words: cosine 1.0) and a
+    cosine-only verifier at 0.95."""
+    clock = FakeClock()
+    l3 = SemanticCache(
+        batcher=EmbeddingBatcher(HashingEmbedder(64)),
+        verifier=CosineVerifier(0.95),
+        index=VectorIndex(64, clock=clock),
+        min_similarity=0.5,
+        clock=clock,
+    )
+    try:
+        async with gateway(semantic=l3, clock=clock, **settings) as gw:
+            yield gw
+    finally:
+        await l3.aclose()

@@ -94,7 +94,7 @@ async def test_admin_stats_and_clear_without_key() -> None:
     assert by_layer["l1"]["hits"] == 1
     assert by_layer["l2"]["entries"] == 1
     assert by_layer["l2"]["misses"] == 1
-    assert cleared == {"cleared": {"l1": 1, "l2": 1}}
+    assert cleared == {"cleared": {"l1": 1, "l2": 1}, "generation": 1}
     assert after.headers["x-strata-cache"] == "miss"
 
 
@@ -129,7 +129,7 @@ async def test_metrics_is_prometheus_text() -> None:
     assert 'strata_cache_entries{layer="l1"} 1.0' in response.text
 
 
-async def test_l2_presence_is_reported_and_a_miss_skips_redis(redis_server) -> None:  # type: ignore[no-untyped-def]
+async def test_l2_presence_is_reported_and_a_miss_skips_redis_untimed(redis_server) -> None:  # type: ignore[no-untyped-def]
     redis_server.start()
     prefix = f"presence-{free_port()}"
 
@@ -150,4 +150,8 @@ async def test_l2_presence_is_reported_and_a_miss_skips_redis(redis_server) -> N
         assert (miss.headers["x-strata-cache"], hit.headers["x-strata-layer"]) == ("miss", "l2")
         assert sample("strata_l2_presence_synced") == 1
         assert sample("strata_l2_presence_keys") == 1
+        assert sample("strata_cache_entries", {"layer": "l2"}) == 1
         assert sample("strata_l2_presence_skipped_lookups_total") == 1
+        # The miss the key list answered asked no one: only the hit's lookup is timed.
+        assert sample("strata_cache_lookups_total", {"layer": "l2", "result": "miss"}) == 1
+        assert sample("strata_cache_lookup_duration_seconds_count", {"layer": "l2"}) == 1

@@ -8,12 +8,7 @@ from typing import Any
 
 import pytest
 
-from caches.embedder import EmbeddingBatcher, HashingEmbedder
-from caches.semantic import SemanticCache
-from caches.vector_index import VectorIndex
-from tests.caches.semantic_fakes import CosineVerifier
-from tests.clock import FakeClock
-from tests.gateway.harness import Harness, chat_body, gateway
+from tests.gateway.harness import Harness, chat_body, semantic_gateway
 
 KEYS = {"team-a": "sk-team-a-0001", "team-b": "sk-team-b-0002"}
 QUESTION = "how do i reset my password"
@@ -22,19 +17,8 @@ PARAPHRASE = "my password how do i reset"  # same words: cosine 1.0 with the has
 
 @asynccontextmanager
 async def with_l3(**settings: Any) -> AsyncIterator[Harness]:
-    clock = FakeClock()
-    l3 = SemanticCache(
-        batcher=EmbeddingBatcher(HashingEmbedder(64)),
-        verifier=CosineVerifier(0.95),
-        index=VectorIndex(64, clock=clock),
-        min_similarity=0.5,
-        clock=clock,
-    )
-    try:
-        async with gateway(semantic=l3, api_keys=KEYS, clock=clock, **settings) as gw:
-            yield gw
-    finally:
-        await l3.aclose()
+    async with semantic_gateway(api_keys=KEYS, **settings) as gw:
+        yield gw
 
 
 def auth(tenant: str = "team-a") -> dict[str, str]:
