@@ -1,19 +1,21 @@
-"""`strata cache stats` against a gateway served on a real socket: an aligned table with a row
-per layer, the admin API's JSON with `--json`, and one `strata: ...` line with status 1 when the
-gateway cannot be reached or refuses the key."""
+"""`strata cache stats`, `invalidate` and `forget` against a gateway served on a real socket:
+an aligned table with a row per layer, the admin API's JSON with `--json`, what each command did
+in one line, and one `strata: ...` line with status 1 when the gateway cannot be reached or
+refuses the request."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
 from gateway.stats_table import human_bytes, render
 from tests.asgi_server import served
-from tests.gateway.harness import gateway
+from tests.gateway.harness import chat_body, gateway
 from tests.redisproc import free_port
 
 
@@ -108,3 +110,34 @@ def test_the_table_marks_unknown_and_unavailable_values() -> None:
 )  # fmt: skip
 def test_human_bytes(size: int | None, text: str) -> None:
     assert human_bytes(size) == text
+
+
+async def test_invalidate_and_forget_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = {"team-a": "sk-team-a-0001"}
+    team_a = {"authorization": "Bearer sk-team-a-0001"}
+    request = chat_body("forget me")
+    saved = tmp_path / "bad.json"
+    saved.write_text(json.dumps(request))
+    async with gateway(admin_key="s3cret", api_keys=keys) as gw, served(gw.app) as url:
+        admin = ("--url", url, "--admin-key", "s3cret")
+        await gw.chat(headers=team_a)
+        assert await strata("cache", "invalidate", "--tenant", "team-a", *admin) == 0
+        said = capsys.readouterr().out
+        assert (await gw.chat(headers=team_a)).headers["x-strata-cache"] == "miss"
+
+        await gw.chat(request, headers=team_a)
+        assert (await gw.chat(request, headers=team_a)).headers["x-strata-cache"] == "hit"
+        args = ("cache", "forget", str(saved), "--api-key", "sk-team-a-0001", *admin)
+        assert await strata(*args) == 0
+        forgot = capsys.readouterr().out
+        assert (await gw.chat(request, headers=team_a)).headers["x-strata-cache"] == "miss"
+
+        with pytest.raises(SystemExit) as exited:
+            await strata("cache", "invalidate", "--tenant", "nobody", *admin)
+    assert said == "invalidated tenant 'team-a': generation 1, on every replica\n"
+    assert forgot.startswith("forgot entry ")
+    assert "removed from 2 layer(s)" in forgot
+    assert exited.value.code == 1
+    assert "No tenant named 'nobody'" in capsys.readouterr().err
