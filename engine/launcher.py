@@ -113,6 +113,25 @@ def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
         return "(no log)"
 
 
+# Run in the child, then replaced by vLLM (`execv`): on Linux, ask the kernel to send it SIGTERM
+# when the gateway dies, however it dies (SIGKILL, the OOM killer, a crash during start-up), so
+# that no vLLM is left holding the GPU or the port. PR_SET_PDEATHSIG survives exec.
+_GUARD = """\
+import ctypes, os, signal, sys
+parent, argv = int(sys.argv[1]), sys.argv[2:]
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the gateway died before the request was in place
+        sys.exit(1)
+os.execvp(argv[0], argv)
+"""
+
+
+def orphan_guard(argv: list[str]) -> list[str]:
+    """`argv`, run so that it ends when this process does (see `_GUARD`)."""
+    return [argv[0], "-c", _GUARD, str(os.getpid()), *argv]
+
+
 class EngineSupervisor:
     """Owns one vLLM process: start, health, restart on exit, stop."""
 
@@ -151,7 +170,7 @@ class EngineSupervisor:
             log_file.write(f"\n=== strata: starting vLLM at {time.ctime()} ===\n".encode())
             log_file.flush()
             return await asyncio.create_subprocess_exec(
-                *self.spec.argv(),
+                *orphan_guard(self.spec.argv()),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,

@@ -134,3 +134,46 @@ async def test_engine_that_never_gets_healthy_times_out_and_is_killed(tmp_path: 
         await supervisor.start()
     log = (tmp_path / "vllm.log").read_text()
     assert "stand-in vLLM" in log
+
+
+GATEWAY = """\
+import asyncio, sys
+from engine.launcher import EngineSupervisor, LaunchSpec
+from pathlib import Path
+
+async def main():
+    spec = LaunchSpec(python=sys.executable, model="m", served_model_name="served", device="cpu",
+                      port=int(sys.argv[1]), log_path=Path(sys.argv[2]))
+    supervisor = EngineSupervisor(spec, start_timeout=60)
+    await supervisor.start()
+    print(supervisor.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.usefixtures("stand_in_vllm")
+async def test_the_engine_ends_when_the_gateway_is_killed(tmp_path: Path) -> None:
+    port = free_port()
+    gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", GATEWAY, str(port), str(tmp_path / "vllm.log"),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert gateway.stdout is not None
+    try:
+        engine_pid = int(await asyncio.wait_for(gateway.stdout.readline(), 60))
+        assert await serving(f"http://127.0.0.1:{port}")
+    finally:
+        gateway.kill()  # no shutdown: SIGKILL, as the OOM killer would
+        await gateway.wait()
+
+    async def gone() -> bool:
+        try:
+            stat = Path(f"/proc/{engine_pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        return stat.rsplit(")", 1)[1].split()[0] == "Z"  # dead, not yet reaped by init
+
+    await wait_for(gone)
+    assert not await serving(f"http://127.0.0.1:{port}")
