@@ -10,7 +10,7 @@ ENGINE_VENV ?= .venv-engine
 DATA_DIR ?= $(or $(STRATA_DATA_DIR),$(CURDIR)/.run)
 PYTEST_ARGS ?=
 
-.PHONY: help venv engine test lint format serve serve-fake bench-hit bench-stream bench-client clean
+.PHONY: help venv engine test lint format serve serve-fake bench bench-hit bench-stream bench-client clean
 
 help:
 	@echo "make serve       Redis + vLLM (CPU unless a GPU is found) with the default model + gateway"
@@ -18,7 +18,10 @@ help:
 	@echo "make serve-fake  Redis + gateway in front of the built-in fake engine (no model needed)"
 	@echo "make test        install what the suite needs, then run the whole suite"
 	@echo "make lint        ruff + mypy --strict"
-	@echo "make bench-hit   hit-path benchmark (bare Starlette vs L1 vs L2), writes docs/benchmarks.md"
+	@echo "make bench       every benchmark side by side (hit path, miss overhead, LiteLLM, vLLM end"
+	@echo "                 to end); rewrites docs/benchmarks.md and its plots (~25 min on 2 CPUs)"
+	@echo "                 (SECTIONS=hit,miss,e2e picks sections; QUICK=1 is a smoke test)"
+	@echo "make bench-hit   the hit-path section alone (= make bench SECTIONS=hit)"
 	@echo "make bench-stream  streaming TTFB (gateway vs engine) and replay rate, printed"
 	@echo "make bench-client  CPU per streamed engine call: httpx vs httpcore vs engine.http11"
 
@@ -69,10 +72,21 @@ serve-fake: $(STAMP)
 	  trap "kill $$! 2>/dev/null" EXIT; \
 	  $(BIN)/strata serve --engine-url http://127.0.0.1:9000
 
-bench-hit: $(STAMP)
+SECTIONS ?=
+QUICK ?=
+
+# The vLLM engine is installed only when the end-to-end section runs; LiteLLM installs itself
+# (pinned) into .bench/litellm-venv the first time.
+bench: $(STAMP)
 	./scripts/ensure-redis.sh
 	./scripts/ensure-apt.sh wrk:wrk
-	$(BIN)/python -m bench.hit_path --out docs/benchmarks.md
+	if [ -z "$(SECTIONS)" ] || [[ "$(SECTIONS)" == *e2e* ]]; then \
+	  ./scripts/install-engine.sh $(ENGINE_VENV); fi
+	STRATA_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python STRATA_DATA_DIR=$(DATA_DIR) \
+	  $(BIN)/python -m bench.all $(if $(SECTIONS),--sections $(SECTIONS)) $(if $(QUICK),--quick)
+
+bench-hit:
+	$(MAKE) bench SECTIONS=hit
 
 bench-stream: $(STAMP)
 	$(BIN)/python -m bench.stream_ttfb

@@ -1,0 +1,1 @@
+"""Other gateways measured side by side with Strata, each installed by the benchmark itself."""
