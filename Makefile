@@ -43,6 +43,7 @@ engine:
 
 test: $(STAMP) engine
 	./scripts/ensure-apt.sh docker-compose:docker-compose promtool:prometheus
+	./scripts/ensure-helm.sh $(BIN)
 	./scripts/ensure-redis.sh
 	STRATA_TEST_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python STRATA_TEST_DATA_DIR=$(DATA_DIR) \
 	  $(BIN)/python -m pytest $(PYTEST_ARGS)
