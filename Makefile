@@ -42,7 +42,7 @@ engine:
 	./scripts/install-engine.sh $(ENGINE_VENV)
 
 test: $(STAMP) engine
-	./scripts/ensure-apt.sh docker-compose:docker-compose promtool:prometheus
+	./scripts/ensure-apt.sh docker-compose:docker-compose promtool:prometheus npm:npm
 	./scripts/ensure-helm.sh $(BIN)
 	./scripts/ensure-redis.sh
 	STRATA_TEST_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python STRATA_TEST_DATA_DIR=$(DATA_DIR) \
