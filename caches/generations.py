@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
+from caches.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _text(value: Any) -> str:
 class Generations:
     def __init__(
         self,
-        client: aioredis.Redis | None,
+        client: RedisClient | None,
         prefix: str,
         *,
         timeout: float = 2.0,
