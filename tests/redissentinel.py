@@ -91,13 +91,17 @@ class RedisSentinel:
             return False
         for raw in replicas:
             fields = {_text(k): _text(v) for k, v in raw.items()}
-            if fields.get("port") == str(self.replica.port) and "s_down" not in fields["flags"]:
+            if (
+                fields.get("port") == str(self.replica.port)
+                and set(fields.get("flags", "").split(",")) == {"slave"}  # linked, not down
+                and fields.get("master-link-status") == "ok"
+            ):
                 return True
         return False
 
     def master_port(self) -> int | None:
         """The master's port as the sentinel names it to clients now: None while it is down
-        or a failover is still being completed (redis-py finds no master then either)."""
+        (redis-py finds no master then either)."""
         raw = _ask(
             self.sentinel.port,
             lambda c: c.execute_command("SENTINEL", "MASTER", self.service),
@@ -105,7 +109,9 @@ class RedisSentinel:
         if not isinstance(raw, dict):
             return None
         fields = {_text(k): _text(v) for k, v in raw.items()}
-        if set(fields.get("flags", "").split(",")) != {"master"}:
+        flags = set(fields.get("flags", "").split(","))
+        # What redis-py's Sentinel.discover_master accepts.
+        if "master" not in flags or flags & {"s_down", "o_down"}:
             return None
         return int(fields["port"])
 
