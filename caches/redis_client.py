@@ -8,10 +8,11 @@ Guarantees:
   `timeout`: connecting and reading, to nodes and sentinels alike. A connection that breaks is
   retried once at once (on a cluster: after reading the slot map again). `aclose()` releases
   everything, the sentinel connections included.
-- Failover. Cluster: a connection error or timeout marks the slot map stale and the next
-  command reads it again (CLUSTER SLOTS) before it runs; MOVED redirects patch it — so the
-  client follows a promoted replica by itself, and until the promotion the dead master's slots
-  fail fast (a miss for the layer, counted by its breaker). Sentinel: a broken connection
+- Failover. Cluster: a connection error or timeout marks the slot map stale and a later
+  command reads it again (CLUSTER SLOTS; at most every `SLOT_MAP_REFRESH` seconds) before it
+  runs; MOVED redirects patch it — so the client follows a promoted replica by itself, and
+  until the promotion the dead master's slots fail fast (a miss for the layer, counted by its
+  breaker). Sentinel: a broken connection
   reconnects to the address the sentinels name now; a connection to a demoted master answers
   READONLY, which drops it.
 - `scan_batches` and `unlink_matching` walk with SCAN (never KEYS): on a cluster every primary,
@@ -24,7 +25,8 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
@@ -39,6 +41,8 @@ from config.redis_url import TLS_OPTIONS, RedisTarget, parse_redis_url
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
 SCAN_BATCH = 1000
+# Seconds between two reads of a cluster's slot map after errors (see `Cluster`).
+SLOT_MAP_REFRESH = 0.5
 
 
 class SentinelMaster(aioredis.Redis):
@@ -52,6 +56,49 @@ class SentinelMaster(aioredis.Redis):
             pool = self.connection_pool
             if isinstance(pool, SentinelConnectionPool):
                 await pool.sentinel_manager.aclose()
+
+
+class Cluster(RedisCluster):
+    """redis-py's cluster client, reading the slot map again at most every `refresh` seconds.
+
+    redis-py reads it again (CLUSTER SLOTS, then COMMAND: ~5-10 ms of this event loop) before
+    the next command after any connection error or timeout. While a master is down that is
+    before nearly every command, in every client, and the loop stalls for hundreds of
+    milliseconds; between reads, commands for the dead master's slots fail at once instead.
+    A client that never read the map, or dropped it (CLUSTERDOWN), reads it at once.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        refresh: float,
+        clock: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._refresh = refresh
+        self._clock = clock
+        self._read_at: float | None = None
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        read_at = self._read_at
+        if (
+            self._initialize
+            and read_at is not None
+            and self.nodes_manager.default_node is not None
+            and self._clock() - read_at < self._refresh
+        ):
+            return self  # the map it has, until it may read again
+        cluster = await super().initialize(*args, **kwargs)
+        if not self._initialize:
+            self._read_at = self._clock()
+        return cluster
+
+    async def aclose(self) -> None:
+        # redis-py closes nothing while the map is marked stale (after an error, until the next
+        # read): its node connections would be left open.
+        self._initialize = False
+        await super().aclose()
 
 
 def connect(url: str, *, timeout: float, max_connections: int) -> RedisClient:
@@ -88,8 +135,8 @@ def _tls(target: RedisTarget) -> dict[str, Any]:
     return {"ssl": True, **{k: v for k, v in target.options.items() if k in TLS_OPTIONS}}
 
 
-def _cluster(target: RedisTarget, common: dict[str, Any], max_connections: int) -> RedisCluster:
-    return RedisCluster(
+def _cluster(target: RedisTarget, common: dict[str, Any], max_connections: int) -> Cluster:
+    return Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         username=target.username,
         password=target.password,
@@ -100,6 +147,7 @@ def _cluster(target: RedisTarget, common: dict[str, Any], max_connections: int) 
         # Serve the slots that are covered while others are not (a master down, no replica):
         # whether a partly covered cluster answers is the servers' own setting to decide.
         require_full_coverage=False,
+        refresh=SLOT_MAP_REFRESH,
         **common,
         **_tls(target),
     )

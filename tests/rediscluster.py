@@ -4,8 +4,9 @@ Guarantees: six `redis-server` processes in cluster mode (`tests.redisproc`: loo
 nothing kept on disk but each node's `nodes.conf`), joined by `redis-cli --cluster create`;
 `start()` returns once every node reports `cluster_state:ok` and knows all six. `kill_master()`
 crashes one master (SIGKILL); `wait_promoted()` returns once its replica serves its slots and
-the survivors agree the cluster is ok. Every wait is bounded; `close()` stops and removes every
-node. Failures raise `RedisServerError` with what the cluster said.
+the survivors agree the cluster is ok; `wait_replicated()` once every replica has caught up.
+Every wait is bounded; `close()` stops and removes every node. Failures raise
+`RedisServerError` with what the cluster said.
 """
 
 from __future__ import annotations
@@ -160,6 +161,24 @@ class RedisCluster:
             return True
 
         return self._wait(promoted, f"a promoted replica for port {dead.port}", timeout)
+
+    def wait_replicated(self, timeout: float = 10.0) -> float:
+        """Seconds until every live master's replica has everything the master has (a write
+        not yet copied would be lost by a failover)."""
+
+        def copied() -> bool:
+            for node in self.alive:
+                replication = _replication(node.port)
+                if replication.get("role") != "master":
+                    continue
+                replica = replication.get("slave0")
+                if not isinstance(replica, dict):
+                    return False
+                if replica.get("offset") != replication.get("master_repl_offset"):
+                    return False
+            return True
+
+        return self._wait(copied, "replicas in step with their masters", timeout)
 
     def flush(self) -> None:
         """Empty every master (the replicas follow)."""

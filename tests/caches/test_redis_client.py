@@ -1,5 +1,6 @@
-"""The client factory: the right kind of client for each URL, bounded the same way, and keyspace
-walks that visit every primary of a cluster."""
+"""The client factory: the right kind of client for each URL, bounded the same way; a cluster
+client that does not re-read its slot map on every error; keyspace walks that visit every
+primary of a cluster."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from caches.redis_client import (
     SCAN_BATCH,
+    Cluster,
     RedisClient,
     SentinelMaster,
     connect,
@@ -20,6 +23,7 @@ from caches.redis_client import (
     scan_batches,
     unlink_matching,
 )
+from tests.clock import FakeClock
 from tests.rediscluster import RedisCluster
 
 TIMEOUT = 0.25
@@ -29,7 +33,7 @@ TIMEOUT = 0.25
     ("url", "kind"),
     [
         pytest.param("redis://127.0.0.1:1/0", aioredis.Redis, id="single"),
-        pytest.param("redis+cluster://127.0.0.1:1,127.0.0.1:2", ClusterClient, id="cluster"),
+        pytest.param("redis+cluster://127.0.0.1:1,127.0.0.1:2", Cluster, id="cluster"),
         pytest.param("redis+sentinel://127.0.0.1:1/strata/2", SentinelMaster, id="sentinel"),
     ],
 )
@@ -132,3 +136,72 @@ async def test_scan_and_unlink_cover_every_primary(cluster_client: RedisClient) 
     assert await unlink_matching(cluster_client, "walk:*") == count
     assert [k async for k in scan_batches(cluster_client, "walk:*")] == []
     assert await cluster_client.get("other:1") == b"keep"
+
+
+# --- how often a cluster client reads the slot map ---------------------------------------------
+
+
+async def slot_map_reads(cluster: RedisCluster) -> int:
+    """CLUSTER SLOTS calls every node has answered so far."""
+    total = 0
+    for node in cluster.nodes:
+        plain = aioredis.Redis(port=node.port, socket_timeout=1.0)
+        try:
+            stats = await plain.info("commandstats")
+        finally:
+            await plain.aclose()
+        total += int(stats.get("cmdstat_cluster|slots", {}).get("calls", 0))
+    return total
+
+
+async def test_a_stale_slot_map_is_read_again_at_most_once_per_refresh(
+    redis_cluster: RedisCluster, clock: FakeClock
+) -> None:
+    client = Cluster(
+        startup_nodes=[ClusterNode("127.0.0.1", redis_cluster.nodes[0].port)],
+        refresh=0.5,
+        clock=clock,
+    )
+    try:
+        await client.set("refresh:k", b"v")  # the first use reads the map
+        reads = await slot_map_reads(redis_cluster)
+        for _ in range(5):
+            client._initialize = True  # as after a connection error or a timeout
+            assert await client.get("refresh:k") == b"v"
+        assert await slot_map_reads(redis_cluster) == reads  # still within the refresh
+        clock.advance(0.5)
+        client._initialize = True
+        assert await client.get("refresh:k") == b"v"
+        assert await slot_map_reads(redis_cluster) == reads + 1
+    finally:
+        await client.aclose()
+
+
+async def test_a_dropped_slot_map_is_read_at_once(
+    redis_cluster: RedisCluster, clock: FakeClock
+) -> None:
+    client = Cluster(
+        startup_nodes=[ClusterNode("127.0.0.1", redis_cluster.nodes[0].port)],
+        refresh=0.5,
+        clock=clock,
+    )
+    try:
+        await client.set("refresh:k", b"v")
+        reads = await slot_map_reads(redis_cluster)
+        await client.aclose()  # what redis-py does on CLUSTERDOWN: the nodes are dropped
+        assert await client.get("refresh:k") == b"v"
+        assert await slot_map_reads(redis_cluster) == reads + 1
+    finally:
+        await client.aclose()
+
+
+async def test_closing_a_client_whose_map_is_stale_closes_its_connections(
+    redis_cluster: RedisCluster,
+) -> None:
+    client = connect(redis_cluster.url, timeout=1.0, max_connections=2)
+    assert isinstance(client, Cluster)
+    await client.set("close:k", b"v")
+    nodes = client.get_nodes()
+    client._initialize = True  # as after a connection error or a timeout
+    await client.aclose()
+    assert not any(conn.is_connected for node in nodes for conn in node._connections)
