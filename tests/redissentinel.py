@@ -115,6 +115,17 @@ class RedisSentinel:
             return None
         return int(fields["port"])
 
+    def wait_replicated(self, timeout: float = 10.0) -> float:
+        """Seconds until the replica has everything the master has."""
+
+        def copied() -> bool:
+            info = _ask(self.master.port, lambda c: c.info("replication"))
+            if not isinstance(info, dict) or not isinstance(info.get("slave0"), dict):
+                return False
+            return bool(info["slave0"].get("offset") == info.get("master_repl_offset"))
+
+        return self._wait(copied, "the replica in step with the master", timeout)
+
     def kill_master(self) -> None:
         self.master.kill()
 

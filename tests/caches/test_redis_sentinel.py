@@ -1,6 +1,7 @@
 """L2 behind a real Sentinel: it works through the `redis+sentinel://` URL, and when the master
 dies (SIGKILL) or hands over (SENTINEL FAILOVER), lookups follow the promoted replica and the
-key-presence mirror re-syncs on it. The failover test prints its figures as one JSON line."""
+key-presence mirror re-syncs on it; the generations and L3's store work through it too. The
+failover test prints its figures as one JSON line."""
 
 from __future__ import annotations
 
@@ -13,13 +14,20 @@ import pytest
 import redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 
+from caches.generations import Generations, field
 from caches.redis_cache import RedisCache, connect
+from caches.semantic_scope import SemanticScope
+from caches.semantic_store import SemanticStore
 from tests.caches.test_redis_cache import key, value
+from tests.caches.test_semantic import DIM, Factory, answer, factory
+from tests.caches.test_semantic import key as entry_key
 from tests.clock import FakeClock
 from tests.polling import eventually
 from tests.redissentinel import RedisSentinel
 
-TIMEOUT = 0.2
+__all__ = ["factory"]  # the semantic tests' fixture, used here too
+
+TIMEOUT = 0.5  # generous: this machine may be busy, and a timeout here is not what is tested
 SETTLE = 10.0  # seconds a failover and a re-sync may take here; they take about 3 to 5
 
 
@@ -63,7 +71,7 @@ async def test_after_the_master_is_killed_hits_resume_on_the_promoted_replica(
 ) -> None:
     stored = value(clock, b"before the failover")
     await tracked.set(key(1), stored)
-    assert await tracked.client.wait(1, 2000) == 1  # the replica has it
+    await asyncio.to_thread(redis_sentinel.wait_replicated)  # the replica has it
 
     lookups = errors = 0
     resumed: float | None = None
@@ -135,3 +143,37 @@ async def _stored(cache: RedisCache, stored: object) -> bool:
     except Exception:
         return False
     return True
+
+
+async def test_generations_and_the_semantic_store_work_through_the_sentinel_url(
+    redis_sentinel: RedisSentinel, factory: Factory, clock: FakeClock
+) -> None:
+    url = redis_sentinel.url
+    clients = [connect(url, timeout=TIMEOUT, max_connections=4) for _ in range(2)]
+    a, b = (Generations(client, "sen", heartbeat=0.2) for client in clients)
+    try:
+        for one in (a, b):
+            await one.start()
+            assert await one.wait_subscribed(SETTLE)
+        assert await a.bump(field("model", "m1")) == 1
+        await eventually(lambda: b.get("m:m1") == 1, timeout=2.0)
+    finally:
+        for one in (a, b):
+            await one.aclose()
+        for client in clients:
+            await client.aclose()
+
+    def store() -> SemanticStore:
+        return SemanticStore(
+            connect(url, timeout=TIMEOUT, max_connections=4),
+            connect(url, timeout=5.0, max_connections=2),
+            prefix="sen",
+            dimension=DIM,
+        )
+
+    first, second = factory(store=store()), factory(store=store())
+    await first.start()
+    await second.start()
+    await first.store(SemanticScope("p", "how do i reset my password"), entry_key(1),
+                      answer(clock), None)  # fmt: skip
+    await eventually(lambda: second.size == 1, timeout=2.0)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 from asgi_lifespan import LifespanManager
 from redis.crc import key_slot
 
@@ -122,6 +123,9 @@ async def test_two_replicas_share_the_cluster_and_survive_a_master_failover(
             redis_url=cluster.url,
             redis_key_prefix=prefix,
             l1_max_entries=0,
+            # Twice the default per-operation bound: the sharing checks must not miss because
+            # a busy test machine was slow for 50 ms.
+            redis_timeout=0.1,
             semantic="off",  # each replica gets the L3 made above
             log_level="warning",
         )
@@ -204,7 +208,29 @@ async def exercise(cluster: RedisCluster, prefix: str, a: Replica, b: Replica) -
     invalidated = await b.ask("repeat question 0")
     assert invalidated.headers["x-strata-cache"] == "miss"  # a new generation: nothing stored
 
+    # --- the admin walk of the keyspace covers every primary, the promoted one included --------
+    await b.state.chain.settle()
+    stats = (await b.client.get("/admin/cache/stats")).json()
+    entries = next(layer["entries"] for layer in stats["layers"] if layer["layer"] == "l2")
+    assert entries == await l2_keys(cluster, prefix) > REPEATS
+    cleared = (await a.client.post("/admin/cache/clear")).json()["cleared"]
+    assert cleared["l2"] == entries
+    assert await l2_keys(cluster, prefix) == 0
+
     return figures_of(samples, killed_at, promoted_at, failover, l3_again, gen_again)
+
+
+async def l2_keys(cluster: RedisCluster, prefix: str) -> int:
+    """L2 entries on the live masters, counted on each node directly."""
+    total = 0
+    for node in cluster.alive:
+        plain = aioredis.Redis(port=node.port, socket_timeout=2.0)
+        try:
+            if (await plain.info("replication"))["role"] == "master":
+                total += len([k async for k in plain.scan_iter(match=f"{prefix}:x:*")])
+        finally:
+            await plain.aclose()
+    return total
 
 
 def figures_of(
@@ -231,6 +257,7 @@ def figures_of(
         "rate": RATE,
         "replicas": 2,
         "cluster_node_timeout_ms": 1000,
+        "redis_timeout_s": 0.1,
         **summary(samples),  # type: ignore[arg-type]
         "failover_s": round(failover, 2),
         "l2_hits_resumed_after_s": round(max(first_hit.values()), 2),
