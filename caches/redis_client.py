@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -58,14 +59,28 @@ class SentinelMaster(aioredis.Redis):
                 await pool.sentinel_manager.aclose()
 
 
+class _CommandTable(AsyncCommandsParser):
+    """redis-py's table of where each command's keys are (COMMAND), fetched once: it reads it
+    again with every slot map, a few hundred kilobytes parsed on the event loop, though it
+    cannot change while the servers run. The node it asks about commands with keys in odd
+    places (XREAD) still follows every read of the map."""
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        if node is not None:
+            self.node = node
+        if not self.commands:
+            await super().initialize(node)
+
+
 class Cluster(RedisCluster):
     """redis-py's cluster client, reading the slot map again at most every `refresh` seconds.
 
-    redis-py reads it again (CLUSTER SLOTS, then COMMAND: ~5-10 ms of this event loop) before
-    the next command after any connection error or timeout. While a master is down that is
-    before nearly every command, in every client, and the loop stalls for hundreds of
-    milliseconds; between reads, commands for the dead master's slots fail at once instead.
-    A client that never read the map, or dropped it (CLUSTERDOWN), reads it at once.
+    redis-py reads it again (CLUSTER SLOTS, then COMMAND: ~5-10 ms of this event loop, and
+    every pooled connection reconnects) before the next command after any connection error or
+    timeout. While a master is down that is before nearly every command, in every client, and
+    the loop stalled for hundreds of milliseconds; between reads, commands for the dead
+    master's slots fail at once instead. A client that never read the map, or dropped it
+    (CLUSTERDOWN), reads it at once. COMMAND is read once (`_CommandTable`).
     """
 
     def __init__(
@@ -76,6 +91,7 @@ class Cluster(RedisCluster):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.commands_parser = _CommandTable()
         self._refresh = refresh
         self._clock = clock
         self._read_at: float | None = None
@@ -95,9 +111,15 @@ class Cluster(RedisCluster):
         return cluster
 
     async def aclose(self) -> None:
-        # redis-py closes nothing while the map is marked stale (after an error, until the next
-        # read): its node connections would be left open.
-        self._initialize = False
+        if self._initialize:
+            # Marked stale (after an error, until the next read), redis-py's aclose closes
+            # nothing, and a shutdown would leave the node connections open. Only idle ones
+            # are closed here: redis-py also calls aclose itself, as a reset, under load.
+            manager = self.nodes_manager
+            # The startup nodes are objects of their own (equal by address to the others), with
+            # the connections the slot-map reads used.
+            nodes = [*manager.nodes_cache.values(), *manager.startup_nodes.values()]
+            await asyncio.gather(*(node.disconnect_free_connections() for node in nodes))
         await super().aclose()
 
 

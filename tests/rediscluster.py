@@ -118,14 +118,16 @@ class RedisCluster:
                     return False
         return True
 
-    def _wait(self, check: object, what: str, timeout: float | None = None) -> float:
+    def _wait(
+        self, check: object, what: str, timeout: float | None = None, every: float = 0.02
+    ) -> float:
         assert callable(check)
         started = time.monotonic()
         deadline = started + (timeout or self.startup_timeout)
         while time.monotonic() < deadline:
             if check():
                 return time.monotonic() - started
-            time.sleep(0.02)
+            time.sleep(every)
         raise RedisServerError(f"the test cluster did not reach {what}")
 
     def master_of(self, slot: int) -> RedisServer:
@@ -160,7 +162,10 @@ class RedisCluster:
                     return False
             return True
 
-        return self._wait(promoted, f"a promoted replica for port {dead.port}", timeout)
+        # Polled every 50 ms, not faster: each poll asks every live node twice, and this runs
+        # beside the gateways under test.
+        what = f"a promoted replica for port {dead.port}"
+        return self._wait(promoted, what, timeout, every=0.05)
 
     def wait_replicated(self, timeout: float = 10.0) -> float:
         """Seconds until every live master's replica has everything the master has (a write

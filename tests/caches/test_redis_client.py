@@ -141,8 +141,8 @@ async def test_scan_and_unlink_cover_every_primary(cluster_client: RedisClient) 
 # --- how often a cluster client reads the slot map ---------------------------------------------
 
 
-async def slot_map_reads(cluster: RedisCluster) -> int:
-    """CLUSTER SLOTS calls every node has answered so far."""
+async def calls(cluster: RedisCluster, command: str) -> int:
+    """How many times every node together has answered `command` (INFO commandstats name)."""
     total = 0
     for node in cluster.nodes:
         plain = aioredis.Redis(port=node.port, socket_timeout=1.0)
@@ -150,8 +150,12 @@ async def slot_map_reads(cluster: RedisCluster) -> int:
             stats = await plain.info("commandstats")
         finally:
             await plain.aclose()
-        total += int(stats.get("cmdstat_cluster|slots", {}).get("calls", 0))
+        total += int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
     return total
+
+
+async def slot_map_reads(cluster: RedisCluster) -> int:
+    return await calls(cluster, "cluster|slots")
 
 
 async def test_a_stale_slot_map_is_read_again_at_most_once_per_refresh(
@@ -169,10 +173,12 @@ async def test_a_stale_slot_map_is_read_again_at_most_once_per_refresh(
             client._initialize = True  # as after a connection error or a timeout
             assert await client.get("refresh:k") == b"v"
         assert await slot_map_reads(redis_cluster) == reads  # still within the refresh
+        commands = await calls(redis_cluster, "command")
         clock.advance(0.5)
         client._initialize = True
         assert await client.get("refresh:k") == b"v"
         assert await slot_map_reads(redis_cluster) == reads + 1
+        assert await calls(redis_cluster, "command") == commands  # its table is read once
     finally:
         await client.aclose()
 
@@ -201,7 +207,8 @@ async def test_closing_a_client_whose_map_is_stale_closes_its_connections(
     client = connect(redis_cluster.url, timeout=1.0, max_connections=2)
     assert isinstance(client, Cluster)
     await client.set("close:k", b"v")
-    nodes = client.get_nodes()
+    manager = client.nodes_manager
+    nodes = [*manager.nodes_cache.values(), *manager.startup_nodes.values()]
     client._initialize = True  # as after a connection error or a timeout
     await client.aclose()
     assert not any(conn.is_connected for node in nodes for conn in node._connections)

@@ -258,12 +258,13 @@ def figures_of(
         "replicas": 2,
         "cluster_node_timeout_ms": 1000,
         "redis_timeout_s": 0.1,
-        **summary(samples),  # type: ignore[arg-type]
+        **summary(samples),
+        "before_kill": summary([s for s in samples if s.started < killed_at]),
         "failover_s": round(failover, 2),
         "l2_hits_resumed_after_s": round(max(first_hit.values()), 2),
         "repeats_that_waited_for_the_promotion": len(waited),
         "during_outage": {
-            **summary(outage),  # type: ignore[arg-type]
+            **summary(outage),
             "repeat_hits": sum(s.layer in ("l2", "l3") for s in repeats_in_outage),
             "repeat_hits_from_l3": sum(s.layer == "l3" for s in repeats_in_outage),
             "repeats": len(repeats_in_outage),
