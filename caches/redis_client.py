@@ -12,9 +12,8 @@ Guarantees:
   command reads it again (CLUSTER SLOTS; at most every `SLOT_MAP_REFRESH` seconds) before it
   runs; MOVED redirects patch it — so the client follows a promoted replica by itself, and
   until the promotion the dead master's slots fail fast (a miss for the layer, counted by its
-  breaker). Sentinel: a broken connection
-  reconnects to the address the sentinels name now; a connection to a demoted master answers
-  READONLY, which drops it.
+  breaker). Sentinel: a broken connection reconnects to the address the sentinels name now; a
+  connection to a demoted master answers READONLY, which drops it.
 - `scan_batches` and `unlink_matching` walk with SCAN (never KEYS): on a cluster every primary,
   one node at a time (cursors are per node), otherwise the one server. UNLINK of a batch is
   split by hash slot on a cluster.
@@ -60,10 +59,10 @@ class SentinelMaster(aioredis.Redis):
 
 
 class _CommandTable(AsyncCommandsParser):
-    """redis-py's table of where each command's keys are (COMMAND), fetched once: it reads it
-    again with every slot map, a few hundred kilobytes parsed on the event loop, though it
-    cannot change while the servers run. The node it asks about commands with keys in odd
-    places (XREAD) still follows every read of the map."""
+    """redis-py's table of where each command's keys are (COMMAND), fetched once: redis-py
+    fetches it again with every slot map and parses it on the event loop, though it cannot
+    change while the servers run. The node it asks about commands with keys in odd places
+    (XREAD) still follows every read of the map."""
 
     async def initialize(self, node: ClusterNode | None = None) -> None:
         if node is not None:
@@ -127,7 +126,6 @@ def connect(url: str, *, timeout: float, max_connections: int) -> RedisClient:
     """A pooled client for `url` whose every wait is bounded by `timeout` seconds (see the
     module). On a cluster, `max_connections` is per node."""
     target = parse_redis_url(url)
-    # One immediate retry replaces a pooled connection that died with a restarted server.
     common: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -142,6 +140,7 @@ def connect(url: str, *, timeout: float, max_connections: int) -> RedisClient:
     pool = aioredis.ConnectionPool.from_url(
         url,
         max_connections=max_connections,
+        # One immediate retry replaces a pooled connection that died with a restarted server.
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError],
         **common,

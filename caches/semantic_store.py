@@ -29,12 +29,13 @@ from redis.typing import EncodableT, FieldT
 
 from caches.base import CachedResponse, CacheKey
 from caches.codec import CorruptEntry, decode, encode
-from caches.redis_client import RedisClient, scan_batches, unlink_matching
+from caches.redis_client import RedisClient, ready, scan_batches, unlink_matching
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LOAD_BATCH = 500
+READY_TIMEOUT = 2.0  # seconds start-up may spend fetching a cluster's slot map
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,15 @@ class SemanticStore:
                 maxlen=self._stream_length, approximate=True,
             )  # fmt: skip
             await pipe.execute()
+
+    async def ready(self, timeout: float = READY_TIMEOUT) -> None:  # noqa: ASYNC109
+        """Fetch a cluster's slot map for the writer now (see `caches.redis_client.ready`), so
+        that the first write, under the store's short timeout, does not have to; a failure is
+        left for the first write to meet."""
+        try:
+            await ready(self._redis, timeout)
+        except Exception as exc:
+            log.warning("l3: Redis not reachable at start (%s: %s)", type(exc).__name__, exc)
 
     async def position(self) -> str:
         """The id of the stream's last event ("0-0" if none): follow from here after a load."""

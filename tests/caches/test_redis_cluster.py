@@ -118,6 +118,18 @@ async def test_semantic_entries_are_shared_loaded_and_cleared_across_masters(
     assert empty.size == 0
 
 
+async def test_the_store_fetches_its_writers_slot_map_at_start(cluster: RedisCluster) -> None:
+    one = store(cluster, "l3ready")
+    try:
+        writer = one._redis
+        assert isinstance(writer, ClusterClient)
+        assert writer._initialize  # nothing fetched yet
+        await one.ready()
+        assert not writer._initialize  # the first write will not have to, under its timeout
+    finally:
+        await one.aclose()
+
+
 # --- invalidation generations -----------------------------------------------------------------
 
 

@@ -87,7 +87,9 @@ async def replica(name: str, settings: Settings) -> AsyncIterator[Replica]:
             dimension=DIM,
         ),
         min_similarity=0.5,
-        store_timeout=timeout,
+        # L3 writes are not what is measured: a busy test machine must not drop the one the
+        # sharing check waits for.
+        store_timeout=1.0,
         clock=time.time,
     )
     try:
