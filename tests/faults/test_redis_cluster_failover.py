@@ -44,9 +44,6 @@ REPEATS = 12  # distinct repeated questions, all stored before the kill
 DIM = 64
 SETTLE = 20.0  # seconds any one recovery may take here; they take a few
 
-QUESTION = "how do i reset my password"
-PARAPHRASE = "my password how do i reset"
-
 
 @dataclass
 class Replica:
@@ -87,9 +84,7 @@ async def replica(name: str, settings: Settings) -> AsyncIterator[Replica]:
             dimension=DIM,
         ),
         min_similarity=0.5,
-        # L3 writes are not what is measured: a busy test machine must not drop the one the
-        # sharing check waits for.
-        store_timeout=1.0,
+        store_timeout=timeout,
         clock=time.time,
     )
     try:
@@ -125,8 +120,8 @@ async def test_two_replicas_share_the_cluster_and_survive_a_master_failover(
             redis_url=cluster.url,
             redis_key_prefix=prefix,
             l1_max_entries=0,
-            # Twice the default per-operation bound: the sharing checks must not miss because
-            # a busy test machine was slow for 50 ms.
+            # Twice the default per-operation bound: fewer sharing checks to retry (see `share`)
+            # on a busy test machine.
             redis_timeout=0.1,
             semantic="off",  # each replica gets the L3 made above
             log_level="warning",
@@ -137,18 +132,48 @@ async def test_two_replicas_share_the_cluster_and_survive_a_master_failover(
     assert figures["failed"] == 0
 
 
+def redis_failures(*replicas: Replica) -> int:
+    """Failed Redis operations so far (L2 and L3's store), over `replicas`."""
+    total = 0
+    for r in replicas:
+        l2, l3 = r.state.chain.counters["l2"], r.l3.counters
+        total += l2.errors + l2.store_errors + l3.store_errors
+    return total
+
+
+async def share(a: Replica, b: Replica, tag: str) -> float:
+    """A stores an answer; B serves the same question from L2 and a paraphrase from L3. Seconds
+    until B's L3 index had it. An exchange in which a Redis operation failed (a busy machine
+    can miss the 0.1 s bound) is tried again with a fresh question: sharing is what is tested
+    here, not timeouts."""
+    for attempt in range(5):
+        words = f"{tag} {attempt}"
+        question = f"how do i reset my password {words}"
+        paraphrase = f"{words} my password how do i reset"  # the same words: cosine 1.0
+        failures, size = redis_failures(a, b), b.l3.size
+        stored = await a.ask(question)
+        assert stored.headers["x-strata-cache"] == "miss"
+        await a.state.chain.settle()  # L2 writes go in the background
+        try:  # the stream carries it (eventually awaits here, so `size` is this attempt's)
+            reached = await eventually(lambda: b.l3.size > size, timeout=5.0)  # noqa: B023
+        except AssertionError:
+            if redis_failures(a, b) > failures:
+                continue
+            raise
+        exact = await b.ask(question)
+        para = await b.ask(paraphrase)
+        if redis_failures(a, b) > failures:
+            continue
+        assert (exact.headers["x-strata-cache"], exact.headers["x-strata-layer"]) == ("hit", "l2")
+        assert (para.headers["x-strata-cache"], para.headers["x-strata-layer"]) == ("hit", "l3")
+        assert exact.content == para.content == stored.content
+        return reached
+    raise AssertionError("every exchange met a failed Redis operation")
+
+
 async def exercise(cluster: RedisCluster, prefix: str, a: Replica, b: Replica) -> dict[str, Any]:
     # --- sharing: an exact repeat from L2, a paraphrase from L3 -------------------------------
-    stored = await a.ask(QUESTION)
-    assert stored.headers["x-strata-cache"] == "miss"
-    await a.state.chain.settle()  # L2 writes go in the background
-    exact = await b.ask(QUESTION)
-    assert (exact.headers["x-strata-cache"], exact.headers["x-strata-layer"]) == ("hit", "l2")
-    assert exact.content == stored.content
-    await eventually(lambda: b.l3.size >= 1, timeout=2.0)  # the stream carried it
-    para = await b.ask(PARAPHRASE)
-    assert (para.headers["x-strata-cache"], para.headers["x-strata-layer"]) == ("hit", "l3")
-    assert para.content == stored.content
+    await share(a, b, "before")
 
     # --- every repeat stored, and copied to the replicas, before the kill ---------------------
     for n in range(REPEATS):
@@ -193,13 +218,8 @@ async def exercise(cluster: RedisCluster, prefix: str, a: Replica, b: Replica) -
     promoted_at = killed_at + failover
     await running
 
-    # --- after the failover: L3 sharing and invalidation across replicas ----------------------
-    before = b.l3.size
-    shared = await a.ask("after the failover how do i change my email")
-    assert shared.headers["x-strata-cache"] == "miss"
-    l3_again = await eventually(lambda: b.l3.size > before, timeout=SETTLE)
-    para_after = await b.ask("how do i change my email after the failover")
-    assert para_after.headers.get("x-strata-layer") == "l3"
+    # --- after the failover: L2 and L3 sharing and invalidation across replicas --------------
+    l3_again = await share(a, b, "after")
 
     generations = b.state.service.epochs.generations
     bumped = await a.client.post("/admin/cache/invalidate", json={"scope": "all"})
@@ -211,12 +231,23 @@ async def exercise(cluster: RedisCluster, prefix: str, a: Replica, b: Replica) -
     assert invalidated.headers["x-strata-cache"] == "miss"  # a new generation: nothing stored
 
     # --- the admin walk of the keyspace covers every primary, the promoted one included --------
+    # Each walk step is bounded by the 0.1 s operation timeout, which a very busy machine can
+    # miss: then the layer reports itself unavailable (entries None), and the walk is retried.
     await b.state.chain.settle()
-    stats = (await b.client.get("/admin/cache/stats")).json()
-    entries = next(layer["entries"] for layer in stats["layers"] if layer["layer"] == "l2")
-    assert entries == await l2_keys(cluster, prefix) > REPEATS
-    cleared = (await a.client.post("/admin/cache/clear")).json()["cleared"]
-    assert cleared["l2"] == entries
+    walked: dict[str, int | None] = {}
+
+    async def counted() -> bool:
+        stats = (await b.client.get("/admin/cache/stats")).json()
+        walked["stats"] = next(x["entries"] for x in stats["layers"] if x["layer"] == "l2")
+        return walked["stats"] is not None
+
+    async def cleared() -> bool:
+        walked["clear"] = (await a.client.post("/admin/cache/clear")).json()["cleared"]["l2"]
+        return walked["clear"] is not None
+
+    await eventually(counted, timeout=SETTLE, every=0.2)
+    assert walked["stats"] == await l2_keys(cluster, prefix) > REPEATS
+    await eventually(cleared, timeout=SETTLE, every=0.2)
     assert await l2_keys(cluster, prefix) == 0
 
     return figures_of(samples, killed_at, promoted_at, failover, l3_again, gen_again)
