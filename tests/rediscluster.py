@@ -34,7 +34,9 @@ def find_redis_cli() -> str:
 def _call(port: int, *args: str) -> object:
     """One command on 127.0.0.1:`port` (None when the node does not answer)."""
     try:
-        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
+        with redis.Redis(
+            host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1
+        ) as client:
             return client.execute_command(*args)
     except (RedisError, OSError):
         return None

@@ -25,7 +25,9 @@ SERVICE = "strata-test"
 
 def _ask(port: int, call: Callable[[redis.Redis], object]) -> object:
     try:
-        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
+        with redis.Redis(
+            host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1
+        ) as client:
             return call(client)
     except (RedisError, OSError):
         return None

@@ -62,7 +62,7 @@ async def test_l2_works_through_the_sentinel_url(
     stored = value(clock, b"through the sentinel")
     await tracked.set(key(1), stored)
     assert await tracked.get(key(1)) == stored
-    with redis.Redis(port=redis_sentinel.master.port) as direct:
+    with redis.Redis(port=redis_sentinel.master.port, socket_timeout=2) as direct:
         assert direct.exists(f"sen:x:{key(1).digest}") == 1
 
 
@@ -116,7 +116,7 @@ async def test_a_handover_moves_the_mirror_to_the_new_master(
     tracked: RedisCache, redis_sentinel: RedisSentinel, clock: FakeClock
 ) -> None:
     """The old master stays up (now a replica): the mirror must not keep following it."""
-    with redis.Redis(port=redis_sentinel.sentinel.port) as sentinel:
+    with redis.Redis(port=redis_sentinel.sentinel.port, socket_timeout=2) as sentinel:
         sentinel.execute_command("SENTINEL", "FAILOVER", redis_sentinel.service)
     await asyncio.to_thread(redis_sentinel.wait_failover, SETTLE)
     await eventually(lambda: tracked_port(tracked) == redis_sentinel.replica.port, SETTLE)
