@@ -13,7 +13,9 @@ Guarantees:
   `PREFIX:gen`, and every replica re-reads the hash when it hears it, when it (re)subscribes and
   every `refresh` seconds. A replica that lost Redis learns of bumps made meanwhile when it
   reconnects. `bump` returns only after Redis has the new number, and this process uses it at
-  once (it does not wait for its own announcement).
+  once (it does not wait for its own announcement). On a Redis Cluster, PUBLISH reaches the
+  subscribers of every node, and a replica whose node died subscribes again on the one the
+  slot map names once the hash can be read again.
 - `drop(digest)` announces that one exact entry was removed, so every replica forgets it in its
   own memory (the listeners registered with `on_drop`).
 - Without Redis, the generations are this process's own.
@@ -29,7 +31,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
+from caches.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def _text(value: Any) -> str:
 class Generations:
     def __init__(
         self,
-        client: aioredis.Redis | None,
+        client: RedisClient | None,
         prefix: str,
         *,
         timeout: float = 2.0,
@@ -176,6 +178,11 @@ class Generations:
 
     async def _listen(self) -> None:
         assert self._redis is not None
+        # Read before subscribing too: on a Redis Cluster the subscription goes to the node
+        # serving the channel's slot as the client last knew it, and only a failed command —
+        # not a failed subscription — makes the client read the slot map again after a
+        # failover.
+        await self._reload()
         pubsub = self._redis.pubsub()
         try:
             async with asyncio.timeout(self._timeout):

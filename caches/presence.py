@@ -19,7 +19,11 @@ Guarantees:
   counts as present; a key that is gone costs one ordinary GET. A rebuild every
   `resync_interval` drops those, and a flush notice empties the mirror.
 - Memory: one hash per key (~70 bytes). Past `max_keys` the mirror gives up and stays off.
-- A server without CLIENT TRACKING (or a Redis Cluster client) leaves it off: correct, slower.
+- Behind a Sentinel, the tracking connection is to the master the sentinels name, and every
+  heartbeat asks them again: once they name another (a failover), or cannot be asked, the
+  mirror is unsynced and follows the new master. A killed master ends the connection at once.
+- A server without CLIENT TRACKING leaves it off: correct, slower. A Redis Cluster never gets
+  one (`caches.redis_cache` leaves it off): keys live on several nodes whose roles change.
 - The follower is one task, owned by `start`/`aclose`; every wait on the network is bounded.
 """
 
@@ -33,6 +37,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
@@ -204,12 +209,21 @@ class KeyPresence:
                     raise ConnectionError(f"unexpected SUBSCRIBE reply {reply!r}")
             self._conn = conn
             reader = asyncio.create_task(self._read(conn), name="l2-key-presence-reader")
+            loop = asyncio.get_running_loop()
+            sentinel = pool if isinstance(pool, SentinelConnectionPool) else None
             while True:
                 await self._scan(reader)
-                done, _ = await asyncio.wait({reader}, timeout=self._resync_interval)
-                if done:
-                    reader.result()  # raises what ended it
-                    raise ConnectionError("the tracking connection closed")
+                resync_at = loop.time() + self._resync_interval
+                while (left := resync_at - loop.time()) > 0:
+                    # Behind a Sentinel, writes follow the master the sentinels name: a mirror
+                    # of any other server (a demoted master) would miss them.
+                    wait = left if sentinel is None else min(left, self._heartbeat)
+                    done, _ = await asyncio.wait({reader}, timeout=wait)
+                    if done:
+                        reader.result()  # raises what ended it
+                        raise ConnectionError("the tracking connection closed")
+                    if sentinel is not None:
+                        await self._still_master(sentinel, conn)
         finally:
             self._synced = False
             self._fresh = None
@@ -223,6 +237,13 @@ class KeyPresence:
                 waiter.cancel()
             self._pings.clear()
             await conn.disconnect(nowait=True)
+
+    async def _still_master(self, pool: SentinelConnectionPool, conn: AbstractConnection) -> None:
+        async with asyncio.timeout(self._timeout):
+            host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+        tracked = (getattr(conn, "host", None), getattr(conn, "port", None))
+        if (host, int(port)) != tracked:
+            raise ConnectionError("the sentinels name another master; following it")
 
     async def _scan(self, reader: asyncio.Task[None]) -> None:
         """Rebuild the mirror from a SCAN while invalidations keep arriving; then synced."""

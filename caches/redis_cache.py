@@ -5,9 +5,11 @@ msgpack records of `caches.codec`, checked against the key on read — a garbled
 wrong-key value is a miss and is deleted. Every command is bounded by the layer's timeout (socket
 timeouts here, the chain's deadline around each call) with at most one immediate retry on a broken
 connection, so a dead Redis costs a request at most about one timeout. Nothing here walks the
-keyspace with `KEYS`: `clear` and `stats` use `SCAN` over this layer's own prefix. With a
-`KeyPresence` mirror (`caches.presence`), a lookup of a key Redis does not hold is a miss without
-a round trip — only while the mirror is synced.
+keyspace with `KEYS`: `clear` and `stats` use `SCAN` over this layer's own prefix (on every
+primary of a Redis Cluster). No operation spans two entries, so on a cluster entries spread
+over every slot without hash tags. With a `KeyPresence` mirror (`caches.presence`; not on a
+cluster), a lookup of a key Redis does not hold is a miss without a round trip — only while
+the mirror is synced.
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -27,48 +27,21 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from caches.base import CachedResponse, CacheKey, CacheStats
 from caches.codec import CorruptEntry, decode, encode
 from caches.presence import KeyPresence
+from caches.redis_client import (
+    SCAN_BATCH,
+    RedisClient,
+    connect,
+    ready,
+    scan_batches,
+    unlink_matching,
+)
+
+__all__ = ["SCAN_BATCH", "RedisCache", "connect"]
 
 log = logging.getLogger(__name__)
 
-SCAN_BATCH = 1000
-
-
-async def scan_batches(
-    client: aioredis.Redis, match: str, count: int = SCAN_BATCH
-) -> AsyncIterator[list[bytes | str]]:
-    """The keys matching `match`, a SCAN batch at a time (never `KEYS`)."""
-    cursor: int = 0
-    while True:
-        cursor, keys = await client.scan(cursor=cursor, match=match, count=count)
-        if keys:
-            yield list(keys)
-        if cursor == 0:
-            return
-
-
-async def unlink_matching(client: aioredis.Redis, match: str) -> int:
-    removed = 0
-    async for keys in scan_batches(client, match):
-        removed += int(await client.unlink(*keys))
-    return removed
-
-
-def connect(url: str, *, timeout: float, max_connections: int) -> aioredis.Redis:
-    """A pooled client whose every wait is bounded by `timeout` seconds."""
-    # A plain pool: the blocking one's condition and timer cost ~10% of an L2 hit. Past
-    # `max_connections` concurrent commands a lookup fails at once and counts as a miss.
-    pool = aioredis.ConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        # One immediate retry replaces a pooled connection that died with a restarted server.
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError],
-        health_check_interval=0,
-    )
-    # `from_pool`: the client owns the pool and closes it on `aclose()`.
-    return aioredis.Redis.from_pool(pool)
+# How long start-up may spend fetching a cluster's slot map before the first lookup.
+READY_TIMEOUT = 2.0
 
 
 class RedisCache:
@@ -76,7 +49,7 @@ class RedisCache:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         prefix: str,
         timeout: float,
@@ -86,20 +59,31 @@ class RedisCache:
     ) -> None:
         self._redis = client
         self._prefix = f"{prefix}:x:"
-        self.presence = KeyPresence(client, self._prefix) if presence else None
+        self.presence: KeyPresence | None = None
+        if presence and not isinstance(client, RedisCluster):
+            self.presence = KeyPresence(client, self._prefix)
+        elif presence:
+            # One tracking connection per primary, kept right across failovers and resharding,
+            # is not built: without it the mirror could call a key absent that a node holds.
+            log.info("l2 key presence off: Redis Cluster; every L2 lookup asks Redis")
         self.timeout: float | None = timeout
         self._clock = clock
         self._owns_client = owns_client
         self.corrupt = 0
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisClient:
         return self._redis
 
     def _rkey(self, key: CacheKey) -> str:
         return self._prefix + key.digest
 
     async def start(self) -> None:
+        try:
+            await ready(self._redis, READY_TIMEOUT)
+        except Exception as exc:
+            # Not fatal: every lookup tries again, and fails as a miss until Redis answers.
+            log.warning("l2: Redis not reachable at start (%s: %s)", type(exc).__name__, exc)
         if self.presence is not None:
             await self.presence.start()
 
@@ -113,7 +97,7 @@ class RedisCache:
             return None
         try:
             # execute_command: `get` adds an argument-deprecation wrapper to every hit.
-            data = await self._redis.execute_command("GET", rkey)  # type: ignore[no-untyped-call]
+            data = await self._redis.execute_command("GET", rkey)
         except ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise

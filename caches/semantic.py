@@ -299,6 +299,7 @@ class SemanticCache:
         """Load every stored entry, then follow new ones in an owned background task."""
         if self._store is None:
             return
+        await self._store.ready()
         position = await self._load()
         self._follower = asyncio.create_task(self._follow(position), name="strata-l3-follower")
 

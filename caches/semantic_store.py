@@ -1,12 +1,16 @@
 """Semantic entries in Redis, shared by every replica and kept across restarts.
 
-Guarantees: each entry is one versioned msgpack record (`{prefix}:s:e:{id}`, expiring with the
+Guarantees: each entry is one versioned msgpack record (`PREFIX:s:e:ID`, expiring with the
 answer) holding its partition, question text, vector and the answer record of `caches.codec`
 (checked against its key on read); every add and delete is also appended to a Redis Stream
-(`{prefix}:s:log`, trimmed to about `stream_length`), which replicas follow with a blocking read so
-that an entry stored through one replica is searchable on the others within milliseconds. Loading
-walks the entries with `SCAN` (never `KEYS`) after noting the stream position, so nothing written
-during the load is missed. Unreadable records are skipped and deleted.
+(`PREFIX:s:log`, trimmed to about `stream_length`), which replicas follow with a blocking read so
+that an entry stored through one replica is searchable on the others within milliseconds. An
+entry is written before the event announcing it. Loading walks the entries with `SCAN` (never
+`KEYS`; every primary of a cluster) after noting the stream position, so nothing written during
+the load is missed. Unreadable records are skipped and deleted.
+
+On a Redis Cluster no command spans two keys (batched reads are split by slot), so the entries
+spread over every slot without hash tags; the stream is one key, on one node.
 """
 
 from __future__ import annotations
@@ -20,16 +24,18 @@ from typing import Any
 import msgpack
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.typing import EncodableT, FieldT
 
 from caches.base import CachedResponse, CacheKey
 from caches.codec import CorruptEntry, decode, encode
-from caches.redis_cache import scan_batches, unlink_matching
+from caches.redis_client import RedisClient, ready, scan_batches, unlink_matching
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LOAD_BATCH = 500
+READY_TIMEOUT = 2.0  # seconds start-up may spend fetching a cluster's slot map
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +97,8 @@ class Event:
 class SemanticStore:
     def __init__(
         self,
-        client: aioredis.Redis,
-        follower: aioredis.Redis,
+        client: RedisClient,
+        follower: RedisClient,
         *,
         prefix: str,
         dimension: int,
@@ -108,12 +114,20 @@ class SemanticStore:
         self._block_ms = block_ms
 
     async def put(self, entry: SemanticEntry, ttl: int) -> None:
+        key, record = self._entry_prefix + entry.id, encode_entry(entry)
+        event: dict[FieldT, EncodableT] = {"op": "add", "id": entry.id}
+        if isinstance(self._redis, RedisCluster):
+            # A cluster pipeline sends to every node at once: the entry's node could lag the
+            # stream's, and a follower find nothing. Two round trips keep the order.
+            await self._redis.set(key, record, ex=ttl)
+            await self._redis.xadd(
+                self._stream, event, maxlen=self._stream_length, approximate=True
+            )
+            return
+        # One connection runs a pipeline in order.
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self._entry_prefix + entry.id, encode_entry(entry), ex=ttl)
-            pipe.xadd(
-                self._stream, {"op": "add", "id": entry.id},
-                maxlen=self._stream_length, approximate=True,
-            )  # fmt: skip
+            pipe.set(key, record, ex=ttl)
+            pipe.xadd(self._stream, event, maxlen=self._stream_length, approximate=True)
             await pipe.execute()
 
     async def remove(self, entry_id: str) -> None:
@@ -125,6 +139,15 @@ class SemanticStore:
             )  # fmt: skip
             await pipe.execute()
 
+    async def ready(self, timeout: float = READY_TIMEOUT) -> None:  # noqa: ASYNC109
+        """Fetch a cluster's slot map for the writer now (see `caches.redis_client.ready`), so
+        that the first write, under the store's short timeout, does not have to; a failure is
+        left for the first write to meet."""
+        try:
+            await ready(self._redis, timeout)
+        except Exception as exc:
+            log.warning("l3: Redis not reachable at start (%s: %s)", type(exc).__name__, exc)
+
     async def position(self) -> str:
         """The id of the stream's last event ("0-0" if none): follow from here after a load."""
         last = await self._follower.xrevrange(self._stream, count=1)
@@ -134,7 +157,10 @@ class SemanticStore:
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     async def _read(self, keys: list[bytes | str]) -> list[SemanticEntry]:
-        values = await self._follower.mget(keys)
+        if isinstance(self._follower, RedisCluster):
+            values = await self._follower.mget_nonatomic(keys)  # one MGET per slot
+        else:
+            values = await self._follower.mget(keys)
         entries = []
         for key, data in zip(keys, values, strict=True):
             if not isinstance(data, bytes):  # absent (expired meanwhile); never str: no decoding

@@ -31,6 +31,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from config.redis_url import parse_redis_url
+
 CONFIG_ENV = "STRATA_CONFIG"
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls"})
 # What `X-Strata-TTL-Rule` says when no rule decided the TTL; no rule may take these names.
@@ -162,6 +164,8 @@ class Settings(BaseSettings):
 
     # --- L2 ---
     redis_enabled: bool = True
+    # One server (redis://, rediss://, unix://), a Redis Cluster (redis+cluster://h:p,h:p) or
+    # the master a Sentinel watches (redis+sentinel://h:p,h:p/SERVICE); see config.redis_url.
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout: float = Field(default=0.05, gt=0, description="per-operation, seconds")
     redis_max_connections: int = Field(default=256, ge=1)
@@ -233,8 +237,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        parse_redis_url(value)  # raises ValueError saying what is wrong
         return value
 
     @field_validator("storable_finish_reasons")

@@ -2,9 +2,10 @@
 
 Guarantees: the server listens only on 127.0.0.1, on a port nobody else chose, keeps nothing on
 disk (`--save "" --appendonly no`, working directory in a temporary folder) and is ready — it has
-answered PING — when `start()` returns; every wait is bounded. `stop()` and `start()` take it down
-and bring it back on the same port, for tests of a Redis that goes away. A missing binary or a
-server that will not start raises `RedisServerError` with the reason and the server's log.
+answered PING — when `start()` returns; every wait is bounded. `stop()` (or `kill()`, a crash) and
+`start()` take it down and bring it back on the same port, for tests of a Redis that goes away. A
+missing binary or a server that will not start raises `RedisServerError` with the reason and the
+server's log.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -66,12 +67,22 @@ class RedisServer:
         binary: str | None = None,
         port: int | None = None,
         startup_timeout: float = 10.0,
+        args: Sequence[str] = (),
+        config: str | None = None,
     ) -> None:
+        """`args`: more command-line options (cluster mode, `--replicaof`). `config`: the text of
+        a config file to start from, written to the working directory (a sentinel needs one it
+        can rewrite)."""
         self.binary = binary or find_redis_server()
         self.port = port or free_port()
         self.startup_timeout = startup_timeout
+        self.args = list(args)
         self._workdir = Path(tempfile.mkdtemp(prefix="strata-redis-"))
         self._log = self._workdir / "redis.log"
+        self._config: Path | None = None
+        if config is not None:
+            self._config = self._workdir / "redis.conf"
+            self._config.write_text(config)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,12 +105,14 @@ class RedisServer:
             return
         args = [
             self.binary,
+            *([str(self._config)] if self._config is not None else []),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "no",
             "--daemonize", "no",
             "--dir", str(self._workdir),
+            *self.args,
         ]  # fmt: skip
         with self._log.open("ab") as log:
             self._proc = subprocess.Popen(
@@ -133,6 +146,13 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, as in a crash (no-op if stopped)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
 
     def close(self) -> None:
         """Stop the server and remove its working directory."""

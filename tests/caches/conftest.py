@@ -1,7 +1,8 @@
 """Cache layers under test, each with the fake clock and a raw client for poking at the backend.
 
 `l2` runs a test against RedisCache on fakeredis and on the private real redis-server; `layer`
-runs it against every layer. The real-server variants carry the `redis` marker.
+runs it against every layer, RedisCache on the private Redis Cluster included. The real-server
+variants carry the `redis` marker.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from caches.base import CacheLayer
 from caches.memory import MemoryCache
 from caches.redis_cache import RedisCache, connect
 from tests.clock import FakeClock
+from tests.rediscluster import RedisCluster
 from tests.redisproc import RedisServer
 
 PREFIX = "strata-test"
@@ -63,6 +65,20 @@ async def redis_layer(
         await cache.aclose()
 
 
+@pytest.fixture
+async def cluster_layer(redis_cluster: RedisCluster, clock: FakeClock) -> AsyncIterator[RedisCache]:
+    """RedisCache on the private Redis Cluster (emptied first), through the production
+    `connect`."""
+    redis_cluster.flush()
+    client = connect(redis_cluster.url, timeout=TIMEOUT, max_connections=8)
+    cache = RedisCache(client, prefix=PREFIX, timeout=TIMEOUT, clock=clock)
+    await cache.start()
+    try:
+        yield cache
+    finally:
+        await cache.aclose()
+
+
 REDIS_BACKENDS = [
     pytest.param("fakeredis", id="fakeredis"),
     pytest.param("redis", id="redis", marks=pytest.mark.redis),
@@ -82,7 +98,13 @@ def raw_redis(l2: RedisCache) -> aioredis.Redis:
     return l2.client
 
 
-@pytest.fixture(params=[pytest.param("memory", id="memory"), *REDIS_BACKENDS])
+@pytest.fixture(
+    params=[
+        pytest.param("memory", id="memory"),
+        *REDIS_BACKENDS,
+        pytest.param("cluster", id="redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 def layer(request: pytest.FixtureRequest) -> CacheLayer:
     """Every cache layer."""
     found: CacheLayer = request.getfixturevalue(f"{request.param}_layer")

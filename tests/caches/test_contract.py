@@ -1,5 +1,6 @@
 """The acceptance tests every cache layer passes: MemoryCache, RedisCache on fakeredis, RedisCache
-on a real redis-server. A new layer is added to the `layer` fixture and must pass them unchanged."""
+on a real redis-server and on a real Redis Cluster. A new layer is added to the `layer` fixture
+and must pass them unchanged."""
 
 from __future__ import annotations
 
