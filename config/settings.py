@@ -43,7 +43,7 @@ class TTLRuleSetting(BaseModel):
     """One TTL rule (see `caches.ttl_rules`): `ttl` seconds for the requests that meet every
     condition given. Regexes are checked here, so a bad one fails at start-up."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     ttl: int = Field(ge=1, description="seconds, at most max_ttl")
@@ -82,8 +82,10 @@ class TTLRuleSetting(BaseModel):
 class Settings(BaseSettings):
     """Validated configuration for one gateway process."""
 
+    # Errors never repeat what was given: a Redis URL or an API key may carry a secret.
     model_config = SettingsConfigDict(
         env_prefix="STRATA_",
+        hide_input_in_errors=True,
         extra="forbid",
         frozen=True,
         validate_default=True,

@@ -84,6 +84,22 @@ def test_default_ttl_cannot_exceed_max_ttl() -> None:
         Settings(default_ttl=100, max_ttl=10)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("redis_url", "http://user:hunter2-secret@redis.internal:6379/0"),
+        ("redis_url", "redis+sentinel://:hunter2-secret@127.0.0.1:26379"),
+        ("engine_api_key", {"not": "hunter2-secret"}),
+    ],
+)
+def test_errors_never_repeat_the_value_given(field: str, value: object) -> None:
+    # A URL or key in a start-up error would land in logs and CI output.
+    with pytest.raises(ValidationError) as caught:
+        Settings(**{field: value})
+    assert field in str(caught.value)
+    assert "hunter2-secret" not in str(caught.value)
+
+
 def test_missing_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "absent.yaml"))
     with pytest.raises(FileNotFoundError):
