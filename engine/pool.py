@@ -5,7 +5,9 @@
 Guarantees:
 
 - Placement follows the policy (`engine.routing`): `prefix` — consistent hashing with bounded
-  loads on the request's affinity key, least-loaded when it has none; `least_loaded`;
+  loads on the request's affinity key, in flight and in live prefixes per replica (remembered in
+  an `engine.prefix_table.PrefixTable`: a prefix stays where it was placed while it is used and
+  its replica holds no more than its share), least-loaded when it has none; `least_loaded`;
   `round_robin`. In-flight counts are exact: a whole answer counts until it is read, a stream
   until the caller closes it.
 - Passive ejection: a replica whose connection cannot be opened (refused, connect timeout, its
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 
 from engine.client import JSON, EngineClient, EngineResponse
 from engine.errors import EngineError, EngineTimeout, EngineUnavailable
+from engine.prefix_table import PREFIX_TTL, PrefixTable
 from engine.routing import (
     VNODES,
     Choice,
@@ -118,6 +121,7 @@ class EnginePool:
         ejection_window: float = 5.0,
         probe_interval: float = 2.0,
         vnodes: int = VNODES,
+        prefix_ttl: float = PREFIX_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if len(clients) < 2:
@@ -133,6 +137,7 @@ class EnginePool:
         self._interval = probe_interval
         self._clock = clock
         self._ring = Ring([r.url for r in self.replicas], vnodes=vnodes)
+        self.prefixes = PrefixTable(len(self.replicas), ttl=prefix_ttl, clock=clock)
         self._turn = 0
         # Routing decisions by reason (`engine.routing.REASONS`), read by the metrics collector.
         self.decisions: Counter[str] = Counter()
@@ -163,7 +168,15 @@ class EnginePool:
             index = in_turn(turn, eligible)
             choice = None if index is None else Choice(index, "round_robin")
         elif self.policy == "prefix" and affinity is not None:
-            choice = place(affinity, self._ring, loads, healthy, eligible, factor=self._factor)
+            table = self.prefixes
+            choice = place(
+                affinity, self._ring, loads, healthy, eligible, factor=self._factor,
+                owner=table.owner(affinity), prefixes=table.counts,
+            )  # fmt: skip
+            if choice is not None and choice.home:
+                table.place(affinity, choice.index)
+            else:
+                table.seen(affinity)
         else:
             index = least_loaded(loads, eligible, turn)
             choice = None if index is None else Choice(index, "least_loaded")
@@ -250,6 +263,8 @@ class EnginePool:
         until = self._clock() + self._window
         if replica.ejected_until is None:
             replica.ejections += 1
+            # Its prefixes are unreachable now: placed afresh, elsewhere, from the next request.
+            self.prefixes.forget_replica(self.replicas.index(replica))
             log.warning("engine replica %s ejected for %.1f s: %s", replica.url, self._window, why)
         replica.ejected_until = until
         replica.probe_failures = 0

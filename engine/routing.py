@@ -18,7 +18,9 @@ its leading tokens is already computed. Guarantees:
   requests in flight; a key goes to the first replica on its walk that is eligible and under the
   bound (`affinity` when that is its first choice, `overflow` otherwise), so one hot prefix cannot
   pin all traffic to one replica. With c ≥ 1 some eligible replica is always under the bound when
-  every healthy one is eligible.
+  every healthy one is eligible. Given the live prefixes per replica, the same bound applies to
+  them (the balls of the original paper are keys): with few distinct prompts, hashing alone can
+  put most of them on one replica (8 prompts over 2 replicas: 7 to 1 one time in 16).
 - `least_loaded` and `in_turn` are the other policies' choices; ties rotate, so an idle fleet is
   not always asked in the same order.
 """
@@ -170,6 +172,9 @@ def load_bound(factor: float, in_flight: int, healthy: int) -> int:
 class Choice:
     index: int
     reason: Reason
+    # The key's prefix lives there from now on (its owner was gone, over its share, or none);
+    # False for a request that only overflows while its owner is busy.
+    home: bool = False
 
 
 def least_loaded(loads: Sequence[int], eligible: Sequence[bool], start: int = 0) -> int | None:
@@ -202,20 +207,45 @@ def place(
     eligible: Sequence[bool],
     *,
     factor: float,
+    owner: int | None = None,
+    prefixes: Sequence[int] | None = None,
 ) -> Choice | None:
     """Consistent hashing with bounded loads. `loads` are the requests in flight per replica;
     the bound is shared among the `healthy` ones (an ejected replica's keys pass to the next
     healthy replica on the ring, still `affinity`); a replica that is not `eligible` (ejected, or
     already tried for this request) is passed over. When every eligible replica is at the bound
-    (only possible when some healthy ones are not eligible), the least loaded of them."""
+    (only possible when some healthy ones are not eligible), the least loaded of them.
+
+    With `prefixes` (live prefixes per replica, `engine.prefix_table`) the same bound applies to
+    them too: a prefix stays with its `owner` while the owner holds no more than its share,
+    ceil(c · live prefixes / healthy), and a prefix new to a replica goes there only while it
+    holds fewer than ceil(c · (live prefixes + 1) / healthy). So a few prefixes that happen to
+    hash to one replica cannot fill its KV cache while another's stays empty."""
     in_flight = sum(load for load, ok in zip(loads, healthy, strict=True) if ok)
-    bound = load_bound(factor, in_flight, sum(healthy))
+    count = sum(healthy)
+    bound = load_bound(factor, in_flight, count)
+    share = new_share = math.inf
+    if prefixes is not None:
+        live = sum(n for n, ok in zip(prefixes, healthy, strict=True) if ok)
+        share = math.ceil(factor * live / max(1, count))
+        new_share = load_bound(factor, live, count)
+    keeps = (
+        owner is not None
+        and healthy[owner]
+        and (prefixes is None or prefixes[owner] <= share)
+    )  # fmt: skip
+    if keeps and owner is not None and eligible[owner] and loads[owner] < bound:
+        return Choice(owner, "affinity", home=True)
     first = True
     for index in ring.walk(key):
         if not healthy[index]:
             continue
-        if eligible[index] and loads[index] < bound:
-            return Choice(index, "affinity" if first else "overflow")
+        if (
+            eligible[index]
+            and loads[index] < bound
+            and (prefixes is None or index == owner or prefixes[index] < new_share)
+        ):
+            return Choice(index, "affinity" if first else "overflow", home=not keeps)
         first = False
     fallback = least_loaded(loads, eligible)
     return None if fallback is None else Choice(fallback, "overflow")

@@ -145,12 +145,19 @@ class EngineMetrics:
             "1 while the replica takes traffic, 0 while it is ejected.",
             labels=["replica"],
         )
+        prefixes = GaugeMetricFamily(
+            "strata_engine_replica_prefixes",
+            "Live prompt prefixes (affinity keys used within the prefix TTL) placed on each "
+            "replica.",
+            labels=["replica"],
+        )
         ejections = CounterMetricFamily(
             "strata_engine_replica_ejections",
             "Times the replica was ejected: unreachable, timed out, or failing its probes.",
             labels=["replica"],
         )
-        for replica in pool.replicas:
+        for index, replica in enumerate(pool.replicas):
+            prefixes.add_metric([replica.url], pool.prefixes.counts[index])
             requests.add_metric([replica.url, "answered"], replica.answered)
             requests.add_metric([replica.url, "failed"], replica.failed)
             in_flight.add_metric([replica.url], replica.in_flight)
@@ -158,12 +165,13 @@ class EngineMetrics:
             ejections.add_metric([replica.url], replica.ejections)
         decisions = CounterMetricFamily(
             "strata_engine_routing_decisions",
-            "Replica choices by reason: affinity (the prefix's own replica), overflow (the next "
-            "on the ring, the first at its load bound), least_loaded (no prefix to route by), "
+            "Replica choices by reason: affinity (the prefix's own replica), overflow (a later "
+            "one on the ring: the earlier ones at their bound of requests in flight or of live "
+            "prefixes), least_loaded (no prefix to route by), "
             "round_robin, retry (the chosen replica could not be reached), panic (every replica "
             "was ejected; tried anyway).",
             labels=["reason"],
         )
         for reason in REASONS:
             decisions.add_metric([reason], pool.decisions[reason])
-        yield from (requests, in_flight, healthy, ejections, decisions)
+        yield from (requests, in_flight, healthy, prefixes, ejections, decisions)

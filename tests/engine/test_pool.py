@@ -115,7 +115,12 @@ async def test_requests_sharing_a_system_prompt_land_on_one_replica() -> None:
                 )
         assert all(len(where) == 1 for where in placed.values())  # one replica per prompt
         assert {i for where in placed.values() for i in where} == {0, 1}  # both are used
-        assert pool.decisions == {"affinity": 36}
+        # Each prompt placed once (its ring replica, or the next when that one held its share
+        # of the prompts), and found there again.
+        assert set(pool.decisions) <= {"affinity", "overflow"}
+        assert sum(pool.decisions.values()) == 36
+        assert pool.decisions["overflow"] <= 12
+        assert max(pool.prefixes.counts) <= math.ceil(1.25 * 12 / 2)
         assert [r.in_flight for r in pool.replicas] == [0, 0]
 
 

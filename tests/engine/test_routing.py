@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from engine.prefix_table import PrefixTable
 from engine.routing import (
     Choice,
     Ring,
@@ -239,7 +240,66 @@ def test_place_with_bounded_loads(
     eligible: list[bool],
     expected: Choice | None,
 ) -> None:
-    assert place(KEY, RING, load, healthy, eligible, factor=1.25) == expected, case
+    choice = place(KEY, RING, load, healthy, eligible, factor=1.25)
+    assert (choice and Choice(choice.index, choice.reason)) == expected, case
+
+
+@pytest.mark.parametrize(
+    ("case", "load", "owner", "prefixes", "expected"),
+    [
+        # 4 live prefixes over 3 replicas: share ceil(1.25 * 4 / 3) = 2, new ones up to 2.
+        ("its owner, though the ring says otherwise", loads(), THIRD, loads(first=1, third=2),
+         Choice(THIRD, "affinity", home=True)),
+        ("a new prefix, its ring replica has room", loads(), None, loads(second=2, third=2),
+         Choice(FIRST, "affinity", home=True)),
+        # 5 live prefixes: a new one goes where fewer than ceil(1.25 * 6 / 3) = 3 live.
+        ("a new prefix, its ring replica holds its share", loads(), None,
+         loads(first=3, second=1, third=1), Choice(SECOND, "overflow", home=True)),
+        # The owner is busy (in flight at the bound): this request overflows, the prefix stays.
+        ("its owner at the in-flight bound", loads(third=2, second=1), THIRD,
+         loads(first=1, third=2), Choice(FIRST, "affinity", home=False)),
+        # The owner holds more than its share (a replica rejoined): the prefix moves home.
+        ("its owner over its share", loads(), THIRD, loads(third=4),
+         Choice(FIRST, "affinity", home=True)),
+        ("the owner itself is its ring replica", loads(), FIRST, loads(first=4),
+         Choice(FIRST, "affinity", home=True)),
+    ],
+)  # fmt: skip
+def test_place_keeps_prefixes_with_their_owner_within_its_share(
+    case: str, load: list[int], owner: int | None, prefixes: list[int], expected: Choice
+) -> None:
+    choice = place(KEY, RING, load, ALL, ALL, factor=1.25, owner=owner, prefixes=prefixes)
+    assert choice == expected, case
+
+
+def keys_homed_on(ring: Ring, replica: int, count: int) -> list[int]:
+    keys = (k for n in range(10_000) if (k := key(chat(("system", f"p{n} " * 40), ("u", "q")))))
+    return [k for k in keys if first_choice(ring, k) == replica][:count]
+
+
+@pytest.mark.parametrize(("replicas", "prefixes"), [(2, 8), (2, 3), (3, 10), (4, 16)])
+def test_prefixes_that_hash_to_one_replica_are_spread_within_the_bound(
+    replicas: int, prefixes: int
+) -> None:
+    """The worst case of hashing few prompts: every one to the same replica. Placed one after
+    the other, sequentially (no load), no replica ends with more than ceil(c * n / replicas)."""
+    ring = Ring([f"http://engine-{i}" for i in range(replicas)])
+    table = PrefixTable(replicas)
+    everyone = [True] * replicas
+    idle = [0] * replicas
+    for k in keys_homed_on(ring, 0, prefixes) * 3:  # each asked three times
+        choice = place(
+            k, ring, idle, everyone, everyone, factor=1.25, owner=table.owner(k),
+            prefixes=table.counts,
+        )  # fmt: skip
+        assert choice is not None
+        if choice.home:
+            table.place(k, choice.index)
+        else:
+            table.seen(k)
+    assert len(table) == prefixes
+    assert max(table.counts) <= math.ceil(1.25 * prefixes / replicas)
+    assert table.counts[0] == max(table.counts)  # their ring replica kept the most
 
 
 @pytest.mark.parametrize("replicas", [2, 3, 5])

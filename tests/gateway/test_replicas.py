@@ -95,9 +95,11 @@ async def test_misses_sharing_a_system_prompt_go_to_one_replica_and_hits_to_none
             assert sum(calls) == 13  # the hits reached no engine
             assert min(calls) > 0  # both replicas serve some prompts
             assert len(computed) == 13  # the key was computed for misses only
-            assert (
-                sample(registry, "strata_engine_routing_decisions_total", reason="affinity") == 13
-            )
+            decisions = "strata_engine_routing_decisions_total"
+            routed = [sample(registry, decisions, reason=r) for r in ("affinity", "overflow")]
+            assert sum(routed) == 13  # by prefix (an overflow: a prompt placed past its share)
+            prefixes = "strata_engine_replica_prefixes"
+            assert sum(sample(registry, prefixes, replica=r.url) for r in running) == 6
             for replica in running:
                 assert sample(registry, "strata_engine_replica_healthy", replica=replica.url) == 1
                 answered = sample(
