@@ -220,7 +220,10 @@ def place(
     them too: a prefix stays with its `owner` while the owner holds no more than its share,
     ceil(c · live prefixes / healthy), and a prefix new to a replica goes there only while it
     holds fewer than ceil(c · (live prefixes + 1) / healthy). So a few prefixes that happen to
-    hash to one replica cannot fill its KV cache while another's stays empty."""
+    hash to one replica cannot fill its KV cache while another's stays empty. A prefix on its
+    ring replica is never moved for the bound (gateways agree on ring replicas, not on the rest);
+    one held elsewhere by a replica over its share — say it took over an ejected replica's
+    prefixes — goes back to its ring replica once that one is back and has room."""
     in_flight = sum(load for load, ok in zip(loads, healthy, strict=True) if ok)
     count = sum(healthy)
     bound = load_bound(factor, in_flight, count)
@@ -243,7 +246,11 @@ def place(
         if (
             eligible[index]
             and loads[index] < bound
-            and (prefixes is None or index == owner or prefixes[index] < new_share)
+            and (
+                prefixes is None
+                or (index == owner and (keeps or first))
+                or prefixes[index] < new_share
+            )
         ):
             return Choice(index, "affinity" if first else "overflow", home=not keeps)
         first = False

@@ -38,7 +38,7 @@ def key_of(request: dict[str, Any]) -> int | None:
     return affinity_key("chat", request, block_chars=64, max_blocks=16)
 
 
-class Replica:
+class FakeReplica:
     """A fake engine served on a fixed loopback port, which a test can stop and start again."""
 
     def __init__(self, engine: FakeEngine) -> None:
@@ -62,8 +62,8 @@ class Replica:
 
 
 @contextlib.asynccontextmanager
-async def replicas(*engines: FakeEngine) -> AsyncIterator[list[Replica]]:
-    running = [Replica(engine) for engine in engines]
+async def replicas(*engines: FakeEngine) -> AsyncIterator[list[FakeReplica]]:
+    running = [FakeReplica(engine) for engine in engines]
     try:
         for replica in running:
             await replica.start()
@@ -75,7 +75,7 @@ async def replicas(*engines: FakeEngine) -> AsyncIterator[list[Replica]]:
 
 @contextlib.asynccontextmanager
 async def pool_of(
-    running: list[Replica], *, probes: bool = False, read_timeout: float = 5.0, **kw: Any
+    running: list[FakeReplica], *, probes: bool = False, read_timeout: float = 5.0, **kw: Any
 ) -> AsyncIterator[EnginePool]:
     kw.setdefault("ejection_window", 60.0)
     kw.setdefault("probe_interval", 0.05)
@@ -91,7 +91,9 @@ async def pool_of(
 
 
 @contextlib.asynccontextmanager
-async def fleet(*engines: FakeEngine, **kw: Any) -> AsyncIterator[tuple[list[Replica], EnginePool]]:
+async def fleet(
+    *engines: FakeEngine, **kw: Any
+) -> AsyncIterator[tuple[list[FakeReplica], EnginePool]]:
     async with replicas(*engines) as running, pool_of(running, **kw) as pool:
         yield running, pool
 

@@ -261,7 +261,10 @@ def test_place_with_bounded_loads(
         # The owner holds more than its share (a replica rejoined): the prefix moves home.
         ("its owner over its share", loads(), THIRD, loads(third=4),
          Choice(FIRST, "affinity", home=True)),
-        ("the owner itself is its ring replica", loads(), FIRST, loads(first=4),
+        # Over its share, but the prefix's ring replica: it stays (others' prefixes move).
+        ("its owner, its ring replica, over its share", loads(), FIRST, loads(first=4),
+         Choice(FIRST, "affinity", home=True)),
+        ("its owner, not its ring replica, over its share", loads(), SECOND, loads(second=4),
          Choice(FIRST, "affinity", home=True)),
     ],
 )  # fmt: skip
@@ -353,3 +356,34 @@ def test_least_loaded(
 )
 def test_in_turn(turn: int, eligible: list[bool], expected: int | None) -> None:
     assert in_turn(turn % len(eligible), eligible) == expected
+
+
+def test_a_replica_that_took_over_gives_prefixes_back_when_the_other_rejoins() -> None:
+    """Replica 1 was ejected and replica 0 took all 8 prefixes; once 1 is back, asking each
+    prefix again sends replica 1's own back to it while replica 0 holds more than its share,
+    ceil(c * 8 / 2) = 5; replica 0 keeps its own; then nothing moves."""
+    ring = Ring(["http://engine-0", "http://engine-1"])
+    table = PrefixTable(2)
+    keys = keys_homed_on(ring, 0, 4) + keys_homed_on(ring, 1, 4)
+    for k in keys:
+        table.place(k, 0)
+    everyone, idle = [True, True], [0, 0]
+
+    def ask_each() -> list[int]:
+        homes = []
+        for k in keys:
+            choice = place(
+                k, ring, idle, everyone, everyone, factor=1.25, owner=table.owner(k),
+                prefixes=table.counts,
+            )  # fmt: skip
+            assert choice is not None
+            if choice.home:
+                table.place(k, choice.index)
+            homes.append(table.owner(k) or 0)
+        return homes
+
+    first = ask_each()
+    assert first[:4] == [0, 0, 0, 0]  # its own prefixes never move
+    assert first[4:] == [1, 1, 1, 0]  # back home until replica 0 is within its share
+    assert table.counts == [5, 3]
+    assert ask_each() == first  # stable

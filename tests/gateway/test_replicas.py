@@ -17,7 +17,7 @@ import gateway.flow
 from config import Settings
 from engine.fake import FakeEngine
 from gateway import create_app
-from tests.engine.test_pool import Replica, replicas
+from tests.engine.test_pool import FakeReplica, replicas
 from tests.gateway.harness import CHAT, MODEL
 
 SYSTEMS = [
@@ -36,7 +36,7 @@ def chat(system: str, question: str, **extra: Any) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def gateway_over(
-    running: list[Replica], **settings: Any
+    running: list[FakeReplica], **settings: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, CollectorRegistry]]:
     """The gateway over `running`, built from settings alone (its pool and probes its own)."""
     config = Settings(
@@ -57,7 +57,7 @@ async def gateway_over(
 @contextlib.asynccontextmanager
 async def routing_gateway(
     count: int = 2, **settings: Any
-) -> AsyncIterator[tuple[list[Replica], httpx.AsyncClient, CollectorRegistry]]:
+) -> AsyncIterator[tuple[list[FakeReplica], httpx.AsyncClient, CollectorRegistry]]:
     """`count` fake engine replicas and the gateway over them."""
     engines = [FakeEngine() for _ in range(count)]
     async with replicas(*engines) as running, gateway_over(running, **settings) as (http, reg):
