@@ -1,19 +1,25 @@
-"""Killing one engine replica under load: `strata serve --engine-url A --engine-url B` in front of
-two fake engine processes, eight clients sending cache misses all along. After the ejection
-window no request fails; the replica rejoins once restarted. The figures are printed as JSON."""
+"""Several engine replicas behind `strata serve`, as processes.
+
+Killing one replica under load: `strata serve --engine-url A --engine-url B` in front of two fake
+engine processes, eight clients sending cache misses all along. After the ejection window no
+request fails; the replica rejoins once restarted. The figures are printed as JSON. And
+`strata serve --engines 2` launching two (stand-in) vLLM replicas and routing over both."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.e2e.procs import Process, _env
+from tests.engine.test_launcher import stand_in_vllm  # noqa: F401 - a fixture
 from tests.redisproc import free_port
 
 pytestmark = pytest.mark.e2e
@@ -162,3 +168,60 @@ async def test_killing_a_replica_under_load_fails_nothing_after_the_window(
     assert figures["failed_after_window"] == 0
     assert figures["requests_after_window"] > 0
     assert served_after > 0  # back in the rotation
+
+
+def two_free_ports() -> int:
+    while True:
+        port = free_port()
+        try:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+
+
+@pytest.mark.usefixtures("stand_in_vllm")
+def test_serve_engines_2_launches_two_replicas_and_routes_over_both(tmp_path: Path) -> None:
+    first = two_free_ports()
+    env = _env(
+        {
+            "STRATA_ENGINES": "2",
+            "STRATA_ENGINE_PORT": str(first),
+            "STRATA_ENGINE_PYTHON": sys.executable,  # the stand-in vLLM is on its path
+            "STRATA_ENGINE_MODEL": "org/model",
+            "STRATA_ENGINE_SERVED_MODEL_NAME": "strata-fake",
+            "STRATA_ENGINE_DEVICE": "cpu",
+            "STRATA_ENGINE_CPU_CORES": "0,1",
+            "STRATA_DATA_DIR": str(tmp_path),
+            "STRATA_REDIS_ENABLED": "false",
+            "STRATA_SEMANTIC": "off",
+        }
+    )
+    port = free_port()
+    gateway = Process("gateway", [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+                      env, port)  # fmt: skip
+    engines = [f"http://127.0.0.1:{first + i}" for i in range(2)]
+    gateway.start(timeout=60)
+    try:
+        for n, system in enumerate(SYSTEMS):
+            body = {
+                "model": "strata-fake",
+                "temperature": 0,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"Question {n}?"},
+                ],
+            }
+            answer = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)
+            assert answer.status_code == 200, answer.text
+        served = [httpx.get(url + "/fake/stats", timeout=5).json()["calls"] for url in engines]
+        assert all(calls.get("/v1/chat/completions", 0) > 0 for calls in served)
+        assert [healthy(gateway, url) for url in engines] == [1.0, 1.0]
+        logs = sorted(path.name for path in (tmp_path / "logs").iterdir())
+        assert logs == [f"vllm-{first}.log", f"vllm-{first + 1}.log"]
+    finally:
+        gateway.stop()
+    for url in engines:  # the gateway stopped its replicas
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=2)
