@@ -10,7 +10,7 @@ ENGINE_VENV ?= .venv-engine
 DATA_DIR ?= $(or $(STRATA_DATA_DIR),$(CURDIR)/.run)
 PYTEST_ARGS ?=
 
-.PHONY: help venv engine test lint format serve serve-fake bench bench-hit bench-stream bench-client clean
+.PHONY: help venv engine test lint format serve serve-fake bench bench-hit bench-stream bench-client bench-routing clean
 
 help:
 	@echo "make serve       Redis + vLLM (CPU unless a GPU is found) with the default model + gateway"
@@ -24,6 +24,8 @@ help:
 	@echo "make bench-hit   the hit-path section alone (= make bench SECTIONS=hit)"
 	@echo "make bench-stream  streaming TTFB (gateway vs engine) and replay rate, printed"
 	@echo "make bench-client  CPU per streamed engine call: httpx vs httpcore vs engine.http11"
+	@echo "make bench-routing two vLLM CPU replicas: prefix routing vs round robin, one killed"
+	@echo "                 under load (~15 min); writes bench/results/prefix_routing.json"
 
 # The CPU build of torch goes first (a local wheel on these machines): otherwise the semantic
 # extra's sentence-transformers would pull the CUDA build and its several GB of packages.
@@ -94,6 +96,10 @@ bench-stream: $(STAMP)
 
 bench-client: $(STAMP)
 	$(BIN)/python -m bench.engine_client
+
+bench-routing: $(STAMP) engine
+	STRATA_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python STRATA_DATA_DIR=$(DATA_DIR) \
+	  nice -n 10 $(BIN)/python -m bench.prefix_routing
 
 clean:
 	rm -rf $(VENV) $(ENGINE_VENV) .run .pytest_cache .mypy_cache .ruff_cache

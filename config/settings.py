@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -103,6 +104,9 @@ class Settings(BaseSettings):
 
     # --- engine: an engine that is already running (set), or one Strata launches (unset) ---
     engine_url: str | None = None
+    # Several running replicas of one engine (same model), routed over (`engine.pool`): a list,
+    # or in STRATA_ENGINE_URLS comma-separated. Use it or engine_url, not both.
+    engine_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     engine_api_key: SecretStr | None = None
     engine_connect_timeout: float = Field(default=5.0, gt=0)
     engine_read_timeout: float = Field(default=600.0, gt=0)
@@ -133,6 +137,27 @@ class Settings(BaseSettings):
     engine_extra_args: list[str] = Field(default_factory=list)
     engine_start_timeout: float = Field(default=900.0, gt=0)
     engine_restart_max_backoff: float = Field(default=30.0, gt=0)
+    # Launched replicas, on consecutive ports from engine_port. Each gets its own KV cache
+    # (engine_cpu_kv_cache_gib each on CPU), its share of the CPU cores on CPU and one GPU on GPU.
+    engines: int = Field(default=1, ge=1, le=64)
+    # CPU cores the launched CPU engines split between them, as "0-3,6"; unset: every core this
+    # process may run on.
+    engine_cpu_cores: str | None = Field(default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+
+    # --- routing over several engine replicas (see engine.routing) ---
+    # prefix: requests sharing their leading prompt blocks go to the same replica (its prefix
+    # cache has them), within the load bound; round_robin and least_loaded ignore the prompt.
+    routing_policy: Literal["prefix", "round_robin", "least_loaded"] = "prefix"
+    # A replica takes at most ceil(c * (requests in flight + 1) / healthy replicas) requests.
+    routing_load_factor: float = Field(default=1.25, ge=1.0, le=100.0)
+    # The affinity key covers whole KV blocks of the leading prompt, a block approximated as this
+    # many characters (16 tokens ~ 64 characters of English), and at most this many blocks.
+    routing_block_chars: int = Field(default=64, ge=1, le=65536)
+    routing_max_blocks: int = Field(default=16, ge=1, le=4096)
+    # A replica that cannot be reached takes no traffic for this long; probes (`/health`, every
+    # interval) then bring it back.
+    engine_ejection_window: float = Field(default=5.0, gt=0, le=3600, description="seconds")
+    engine_probe_interval: float = Field(default=2.0, gt=0, le=3600, description="seconds")
     data_dir: Path = Field(default_factory=lambda: _default_data_dir())  # noqa: PLW0108 - defined below
 
     # --- tenants: API key per tenant; none configured = one anonymous tenant (local use) ---
@@ -213,6 +238,39 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _engine_url_list(cls, value: Any) -> Any:
+        # The environment gives a string: comma-separated URLs, or a JSON list.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("engine_urls")
+    @classmethod
+    def _engine_urls(cls, value: list[str]) -> list[str]:
+        urls = [url.rstrip("/") for url in value]
+        if bad := [url for url in urls if not url.startswith(("http://", "https://"))]:
+            raise ValueError(f"every URL must start with http:// or https://: {bad}")
+        if len(set(urls)) != len(urls):
+            raise ValueError("a URL is listed twice")
+        return urls
+
+    @model_validator(mode="after")
+    def _engine_choice(self) -> Settings:
+        if self.engine_url is not None and self.engine_urls:
+            raise ValueError("set engine_url or engine_urls, not both")
+        if self.engines > 1 and not self.launches_engine:
+            raise ValueError(
+                "engines launches replicas; with engine_url(s) set nothing is launched"
+            )
+        if self.engine_port + self.engines - 1 > 65535:
+            raise ValueError("engine_port + engines - 1 must be a port (<= 65535)")
+        return self
+
     @field_validator("api_keys")
     @classmethod
     def _api_keys(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
@@ -227,14 +285,22 @@ class Settings(BaseSettings):
 
     @property
     def launches_engine(self) -> bool:
-        return self.engine_url is None
+        return self.engine_url is None and not self.engine_urls
 
     @property
     def upstream_url(self) -> str:
-        """The engine the gateway talks to: the configured one, or the one it launches."""
+        """The (first) engine the gateway talks to: the configured one, or the one it launches."""
+        return self.upstream_urls[0]
+
+    @property
+    def upstream_urls(self) -> list[str]:
+        """Every engine replica the gateway talks to: the configured ones, or those it launches
+        (on consecutive ports from engine_port)."""
+        if self.engine_urls:
+            return list(self.engine_urls)
         if self.engine_url is not None:
-            return self.engine_url
-        return f"http://{self.engine_host}:{self.engine_port}"
+            return [self.engine_url]
+        return [f"http://{self.engine_host}:{self.engine_port + i}" for i in range(self.engines)]
 
     @field_validator("redis_url")
     @classmethod

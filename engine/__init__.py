@@ -1,6 +1,6 @@
 """Talking to (and, later, launching) the inference engine. Depends only on `config`."""
 
-from engine.client import EngineClient, EngineResponse
+from engine.client import Engine, EngineClient, EngineResponse
 from engine.errors import (
     EngineError,
     EngineProtocolError,
@@ -9,11 +9,14 @@ from engine.errors import (
     upstream_error,
 )
 from engine.httpx_transport import map_transport_error
+from engine.pool import EnginePool
 from engine.transport import Timeouts, UpstreamResponse
 
 __all__ = [
+    "Engine",
     "EngineClient",
     "EngineError",
+    "EnginePool",
     "EngineProtocolError",
     "EngineResponse",
     "EngineTimeout",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
@@ -39,7 +40,37 @@ class EngineResponse:
     content_type: str
 
 
+class Engine(Protocol):
+    """What the gateway asks of its engine: one `EngineClient`, or an `engine.pool.EnginePool` of
+    replicas. `affinity` is a request's key for prefix-aware routing (`engine.routing`); only a
+    pool with `prefix_routing` reads it, so callers compute it only when that is true."""
+
+    @property
+    def prefix_routing(self) -> bool: ...
+
+    async def post(
+        self, path: str, body: bytes, *, affinity: int | None = None
+    ) -> EngineResponse: ...
+
+    async def open_stream(
+        self, path: str, body: bytes, *, affinity: int | None = None
+    ) -> UpstreamResponse: ...
+
+    async def get(self, path: str, *, deadline: float | None = None) -> EngineResponse: ...
+
+    async def probe(self, path: str, body: bytes, *, deadline: float) -> EngineResponse: ...
+
+    async def models(self) -> EngineResponse: ...
+
+    async def healthy(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
 class EngineClient:
+    # One engine: nothing to route, so requests need no affinity key.
+    prefix_routing = False
+
     def __init__(
         self,
         base_url: str,
@@ -81,8 +112,8 @@ class EngineClient:
                 headers=headers,
             )
 
-    async def post(self, path: str, body: bytes) -> EngineResponse:
-        """POST a JSON body and read the whole answer."""
+    async def post(self, path: str, body: bytes, *, affinity: int | None = None) -> EngineResponse:
+        """POST a JSON body and read the whole answer (`affinity` is for pools; unused here)."""
         response = await self._guarded(path, body)
         try:
             content = await response.read()
@@ -90,7 +121,9 @@ class EngineClient:
             await response.aclose()
         return EngineResponse(response.status, content, response.content_type or JSON)
 
-    async def open_stream(self, path: str, body: bytes) -> UpstreamResponse:
+    async def open_stream(
+        self, path: str, body: bytes, *, affinity: int | None = None
+    ) -> UpstreamResponse:
         """POST and return the response with its body unread. The caller must `aclose()` it."""
         return await self._guarded(path, body)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from engine.client import EngineClient
+from engine.client import Engine
 from engine.errors import EngineError
 
 # Roles, markup, digits and non-ASCII text: a changed template or tokenizer shows in its tokens.
@@ -71,7 +71,7 @@ def _token_list(body: bytes) -> list[int]:
     return tokens
 
 
-async def _tokens(engine: EngineClient, model: str, deadline: float) -> Any:
+async def _tokens(engine: Engine, model: str, deadline: float) -> Any:
     """The probe conversation's tokens; for a model without a chat template, the probe's text as
     a plain prompt; `None` for servers without `/tokenize`."""
     chat = {"model": model, "messages": PROBE, "add_generation_prompt": True}
@@ -93,7 +93,7 @@ async def _tokens(engine: EngineClient, model: str, deadline: float) -> Any:
     return {"prompt": _token_list(answer.body)}
 
 
-async def fingerprint(engine: EngineClient, *, deadline: float = 5.0) -> str | None:
+async def fingerprint(engine: Engine, *, deadline: float = 5.0) -> str | None:
     """The engine's fingerprint (16 hex digits), or `None` when it cannot be asked right now."""
     try:
         async with asyncio.timeout(deadline):

@@ -3,8 +3,9 @@
 Guarantees:
 - vLLM runs as `python -m vllm.entrypoints.openai.api_server` in its own process group, always with
   `--enable-prefix-caching` and `--enable-prompt-tokens-details`, plus the settings people tune
-  (model, served name, max model len, dtype, block size, GPU memory utilization on GPU,
-  `VLLM_CPU_KVCACHE_SPACE` on CPU) and any extra arguments;
+  (model, served name, max model len, dtype, block size, GPU memory utilization and the visible
+  GPUs on GPU, `VLLM_CPU_KVCACHE_SPACE` and the cores its threads are bound to on CPU) and any
+  extra arguments;
 - `start()` returns once `/health` answers 200, or raises `EngineLaunchError` within the start
   timeout, with the exit code and the tail of vLLM's log;
 - while running, an owned task restarts vLLM if it exits on its own, with exponential backoff and
@@ -61,6 +62,10 @@ class LaunchSpec:
     extra_args: tuple[str, ...] = ()
     offline: bool = True  # never let vLLM reach for a model hub
     log_path: Path = field(default_factory=lambda: Path("engine.log"))
+    # The CPU cores its compute threads are bound to ("0-3,6"; CPU only), and the GPUs it sees
+    # ("1"; GPU only): how replicas on one machine get resources of their own (`engine.fleet`).
+    cpu_cores: str | None = None
+    gpus: str | None = None
 
     @property
     def url(self) -> str:
@@ -94,6 +99,10 @@ class LaunchSpec:
         env = dict(os.environ if base is None else base)
         if self.device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kv_cache_gib)
+            if self.cpu_cores is not None:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_cores
+        elif self.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus
         if self.offline:
             env["HF_HUB_OFFLINE"] = "1"
             env["TRANSFORMERS_OFFLINE"] = "1"

@@ -25,14 +25,16 @@ from caches.generations import Generations
 from caches.redis_cache import connect
 from caches.semantic import SemanticCache
 from config import Settings
-from engine import EngineClient
+from engine import Engine, EngineClient, EnginePool
 from engine.breaker import Breaker
+from engine.fleet import EngineFleet
 from engine.launcher import EngineLaunchError, EngineSupervisor
 from gateway import admin, errors, routes
+from gateway.engine_metrics import EngineMetrics
 from gateway.epochs import EngineEpoch, Epochs, FixedEpoch
 from gateway.fastpath import CompletionRoutes
 from gateway.flow import CompletionService
-from gateway.metrics import EngineMetrics, GatewayMetrics
+from gateway.metrics import GatewayMetrics
 from gateway.openapi import document_completion_routes
 from gateway.state import AppState
 
@@ -126,7 +128,7 @@ async def build_semantic(settings: Settings, clock: Callable[[], float]) -> Sema
 
 
 async def build_epochs(
-    settings: Settings, engine: EngineClient, chain: CacheChain, stack: AsyncExitStack
+    settings: Settings, engine: Engine, chain: CacheChain, stack: AsyncExitStack
 ) -> Epochs:
     """The configured epoch, the engine's fingerprint and the invalidation generations, started
     (every replica on one Redis shares the generations) and closed with `stack`."""
@@ -150,9 +152,9 @@ async def build_epochs(
     return Epochs(settings.model_epoch, engine_epoch, generations)
 
 
-def build_engine(settings: Settings) -> EngineClient:
+def build_client(settings: Settings, url: str, *, retries: int) -> EngineClient:
     return EngineClient(
-        settings.upstream_url,
+        url,
         connect_timeout=settings.engine_connect_timeout,
         read_timeout=settings.engine_read_timeout,
         health_timeout=settings.engine_health_timeout,
@@ -161,7 +163,25 @@ def build_engine(settings: Settings) -> EngineClient:
         breaker=Breaker(
             threshold=settings.engine_breaker_threshold, cooldown=settings.engine_breaker_cooldown
         ),
-        retries=settings.engine_retries,
+        retries=retries,
+    )
+
+
+def build_engine(settings: Settings) -> EngineClient | EnginePool:
+    """One engine: its client, as it always was. Several: a pool routing over their clients.
+
+    A pool's clients do not retry a connection that could not be opened on their own replica:
+    the pool sends the request to another one at once (see `engine.pool`).
+    """
+    urls = settings.upstream_urls
+    if len(urls) == 1:
+        return build_client(settings, urls[0], retries=settings.engine_retries)
+    return EnginePool(
+        [build_client(settings, url, retries=0) for url in urls],
+        policy=settings.routing_policy,
+        load_factor=settings.routing_load_factor,
+        ejection_window=settings.engine_ejection_window,
+        probe_interval=settings.engine_probe_interval,
     )
 
 
@@ -185,14 +205,15 @@ class GatewayApp(FastAPI):
 def create_app(
     settings: Settings,
     *,
-    engine: EngineClient | None = None,
+    engine: Engine | None = None,
     cache: CacheChain | None = None,
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.time,
-    launcher: EngineSupervisor | None = None,
+    launcher: EngineSupervisor | EngineFleet | None = None,
     semantic: SemanticCache | None = None,
 ) -> FastAPI:
-    """The gateway app. With `launcher`, the lifespan starts vLLM first and stops it last."""
+    """The gateway app. With `launcher`, the lifespan starts vLLM (every replica of it) first
+    and stops it last."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, AppState]]:
@@ -206,8 +227,11 @@ def create_app(
                     raise
             engine_client = engine
             if engine_client is None:
-                engine_client = build_engine(settings)
-                stack.push_async_callback(engine_client.aclose)
+                built = build_engine(settings)
+                stack.push_async_callback(built.aclose)
+                if isinstance(built, EnginePool):
+                    await built.start()
+                engine_client = built
             chain = cache
             if chain is None:
                 chain = build_chain(settings, clock=clock)

@@ -2,8 +2,9 @@
 
 Guarantees: this is the only place that reads the environment (through `Settings`); invalid
 configuration exits with status 2 and one line per bad setting naming it, before anything starts.
-`strata serve` launches vLLM (preparing the default model if needed) unless an engine URL is
-given; a launch that fails exits non-zero with vLLM's own last words.
+`strata serve` launches vLLM (preparing the default model if needed; `--engines N` launches N
+replicas) unless engine URLs are given (several: routed over, see `engine.pool`); a launch that
+fails exits non-zero with vLLM's own last words.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from config import Settings, load_settings
+from engine.fleet import EngineFleet, parse_cores, replica_specs
 from engine.launcher import EngineLaunchError, EngineSupervisor, LaunchSpec, detect_device
 from engine.model import (
     DEFAULT_SERVED_NAME,
@@ -114,19 +116,46 @@ def build_supervisor(settings: Settings) -> EngineSupervisor:
     )
 
 
+def build_launcher(settings: Settings) -> EngineSupervisor | EngineFleet:
+    """One vLLM, or `engines` of them with their own ports, cores or GPU and KV cache."""
+    one = build_supervisor(settings)
+    if settings.engines == 1:
+        return one
+    cores = parse_cores(settings.engine_cpu_cores) if settings.engine_cpu_cores else None
+    try:
+        specs = replica_specs(one.spec, settings.engines, cores=cores)
+    except ValueError as exc:
+        raise _fail(f"invalid configuration: engines: {exc}") from None
+    for spec in specs:
+        where = spec.cpu_cores if spec.device == "cpu" else spec.gpus
+        log.info("engine replica on port %d: %s %s", spec.port, spec.device, where)
+    return EngineFleet(
+        [
+            EngineSupervisor(
+                spec,
+                start_timeout=settings.engine_start_timeout,
+                max_backoff=settings.engine_restart_max_backoff,
+            )
+            for spec in specs
+        ]
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: PLC0415 - keep `strata --help` fast
 
     from gateway.app import create_app  # noqa: PLC0415
 
     urls: list[str] = args.engine_url or []
-    if len(urls) > 1:
-        raise _fail("one --engine-url for now: routing over several engines is not built yet")
     settings = _settings_or_exit(
-        engine_url=urls[0] if urls else None, host=args.host, port=args.port
+        engine_url=urls[0] if len(urls) == 1 else None,
+        engine_urls=urls if len(urls) > 1 else None,
+        engines=args.engines,
+        host=args.host,
+        port=args.port,
     )
     _logging(settings)
-    launcher = build_supervisor(settings) if settings.launches_engine else None
+    launcher = build_launcher(settings) if settings.launches_engine else None
     app = create_app(settings, launcher=launcher)
     # Start-up leaves ~80k long-lived objects (modules, schemas). Freezing them keeps every later
     # full collection from rescanning them: measured, that turned 45 ms pauses on the L2 hit path
@@ -182,7 +211,9 @@ def _plan(args: argparse.Namespace) -> int:
 def _engine_serve(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     _logging(settings)
-    supervisor = build_supervisor(settings)
+    launcher = build_launcher(settings)
+    first = launcher.supervisors[0] if isinstance(launcher, EngineFleet) else launcher
+    urls = launcher.urls if isinstance(launcher, EngineFleet) else [launcher.url]
 
     async def run() -> int:
         stop = asyncio.Event()
@@ -190,14 +221,14 @@ def _engine_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await supervisor.start()
+            await launcher.start()
         except EngineLaunchError as exc:
             print(f"strata: {exc}", file=sys.stderr)
-            await supervisor.stop()
+            await launcher.stop()
             return 1
-        print(f"vLLM serving {supervisor.spec.served_model_name} on {supervisor.url}", flush=True)
+        print(f"vLLM serving {first.spec.served_model_name} on {', '.join(urls)}", flush=True)
         await stop.wait()
-        await supervisor.stop()
+        await launcher.stop()
         return 0
 
     return asyncio.run(run())
@@ -235,7 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the gateway; launches vLLM unless --engine-url is given"
     )
     serve.add_argument(
-        "--engine-url", action="append", help="use this running engine (STRATA_ENGINE_URL)"
+        "--engine-url",
+        action="append",
+        help="use this running engine (STRATA_ENGINE_URL); repeat it for several replicas of "
+        "one engine, routed over by prefix (STRATA_ENGINE_URLS)",
+    )
+    serve.add_argument(
+        "--engines",
+        type=_positive_int,
+        help="launch this many vLLM replicas on consecutive ports, each with its own cores or "
+        "GPU and KV cache (STRATA_ENGINES; default 1)",
     )
     serve.add_argument("--host", help="address to listen on (STRATA_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (STRATA_PORT)")
@@ -256,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
     plan.add_argument("--kv-dtype", help="KV element type (default: the model's dtype)")
     plan.set_defaults(handler=_plan)
-    engine_serve = engine_commands.add_parser("serve", help="run only vLLM, as `serve` would")
+    engine_serve = engine_commands.add_parser(
+        "serve", help="run only vLLM (STRATA_ENGINES replicas of it), as `serve` would"
+    )
     engine_serve.set_defaults(handler=_engine_serve)
 
     semantic = commands.add_parser("semantic", help="the semantic cache (L3)")

@@ -16,7 +16,8 @@ Guarantees:
   `POST /tokenize` per served model) in one owned task, each check bounded by `deadline`.
   A model or template change means restarting vLLM; the first check after the new engine answers
   switches the epoch, so old answers can be served for at most `interval` seconds after the new
-  engine is up — and only when no check caught the restart in between.
+  engine is up — and only when no check caught the restart in between. With several replicas
+  (`engine.pool`), which serve one model, the first healthy one in configured order is asked.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ import contextlib
 import logging
 
 from caches.generations import Generations
-from engine import EngineClient
+from engine import Engine
 from engine.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
 
 
 class EngineEpoch:
-    def __init__(self, engine: EngineClient, *, interval: float, deadline: float = 5.0) -> None:
+    def __init__(self, engine: Engine, *, interval: float, deadline: float = 5.0) -> None:
         self._engine = engine
         self._interval = interval
         self._deadline = deadline

@@ -1,7 +1,9 @@
 """How one completion request is answered, top to bottom.
 
 parse and validate → decide (policy) → look up (chain) → one engine call → store if storable →
-respond. Guarantees: a hit does no work beyond parsing, validating, keying and one chain lookup;
+respond. Guarantees: a hit does no work beyond parsing, validating, keying and one chain lookup
+(with several engine replicas, the prefix-affinity key that routes a request among them is
+computed only when the request goes to the engine);
 the body sent to the engine is the one the client sent (plus the tenant's `cache_salt`, and
 `stream_options.include_usage` on a stored stream whose client did not ask for usage — that usage
 chunk is kept from the client); only complete successful answers are stored; the cache never fails
@@ -66,10 +68,11 @@ from caches.semantic import SemanticCache
 from caches.semantic_scope import SemanticScope, semantic_scope
 from caches.ttl_rules import TTLRule, TTLRules
 from config import Settings
-from engine import EngineClient, EngineError, UpstreamResponse, upstream_error
+from engine import Engine, EngineError, UpstreamResponse, upstream_error
 from engine.client import EngineResponse
 from engine.errors import EngineProtocolError
 from engine.isolation import cache_salt, salted_body
+from engine.routing import affinity_key
 from gateway.coalesce import NO_ANSWER, Flight, Flights, Outcome
 from gateway.entries import Filled, completion_object
 from gateway.epochs import Epochs, FixedEpoch
@@ -244,7 +247,7 @@ class CompletionService:
     def __init__(
         self,
         settings: Settings,
-        engine: EngineClient,
+        engine: Engine,
         chain: CacheChain,
         *,
         clock: Callable[[], float] = time.time,
@@ -275,6 +278,10 @@ class CompletionService:
         self._salt_secret = secret.get_secret_value().encode() if secret else token_bytes(32)
         self._salting = settings.engine_cache_salt
         self._salts: dict[str, str] = {}
+        # Several replicas routed by prefix: misses carry an affinity key (`engine.routing`).
+        self._route_by_prefix = engine.prefix_routing
+        self._block_chars = settings.routing_block_chars
+        self._max_blocks = settings.routing_max_blocks
         self.engine_tokens = EngineTokens()
         # Plain counters, read by the metrics collector at scrape time: (route, status, outcome).
         self.outcomes: Counter[tuple[str, int, str]] = Counter()
@@ -345,6 +352,17 @@ class CompletionService:
         elif not self._salting:
             return raw
         return salted_body(body, self.salt_of(tenant)) if self._salting else orjson.dumps(body)
+
+    def _affinity(self, spec: RouteSpec, body: dict[str, Any], tenant: str) -> int | None:
+        """The replica-routing key of a request the engine will answer; only on that path, and
+        only when the engine routes by prefix. Tenants' prefixes are kept apart in vLLM by their
+        salt, so they are apart here too."""
+        if not self._route_by_prefix:
+            return None
+        salt = tenant if self._salting else str(body.get("cache_salt") or "")
+        return affinity_key(
+            spec.name, body, block_chars=self._block_chars, max_blocks=self._max_blocks, salt=salt
+        )
 
     async def complete(self, route: RouteName, raw: bytes, headers: Mapping[str, str]) -> Answer:
         spec = ROUTES[route]
@@ -613,7 +631,11 @@ class CompletionService:
         started = time.perf_counter()
         try:
             try:
-                answer = await self._engine.post(spec.path, self._upstream_body(body, raw, tenant))
+                answer = await self._engine.post(
+                    spec.path,
+                    self._upstream_body(body, raw, tenant),
+                    affinity=self._affinity(spec, body, tenant),
+                )
             except EngineError as exc:
                 raise APIError.from_engine(exc) from exc
             engine_time = time.perf_counter() - started
@@ -718,7 +740,9 @@ class CompletionService:
         try:
             try:
                 upstream = await self._engine.open_stream(
-                    spec.path, self._upstream_body(body, raw, tenant, extra)
+                    spec.path,
+                    self._upstream_body(body, raw, tenant, extra),
+                    affinity=self._affinity(spec, body, tenant),
                 )
             except EngineError as exc:
                 raise APIError.from_engine(exc) from exc

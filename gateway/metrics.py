@@ -4,7 +4,8 @@ Guarantees: every metric lives in the registry passed in (tests use a fresh `Col
 counters end in `_total` and are counters, never gauges; the hit path updates no metric objects —
 request and cache counters are plain integers, and the lookup-latency, similarity and time-to-first-
 token histograms plain `gateway.histogram.PlainHistogram`s, kept by the flow and the chain and read
-here at scrape time; label sets are bounded (route, status, outcome, layer, result, kind).
+here at scrape time; label sets are bounded (route, status, outcome, layer, result, kind). The
+engine's own numbers and the routing over replicas are `gateway.engine_metrics`.
 """
 
 from __future__ import annotations
@@ -19,22 +20,15 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from caches import CacheChain, MemoryCache, RedisCache
-from engine import EngineClient, EngineError
 from engine.breaker import Breaker
+from gateway.engine_metrics import EngineMetrics
 from gateway.flow import CompletionService
 from gateway.histogram import PlainHistogram
 
 ENGINE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-
-
-# vLLM's names for its prefix-cache counters (newer first) and its KV-cache usage gauge.
-_VLLM_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
-_VLLM_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
-_VLLM_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 
 
 def _buckets(histogram: PlainHistogram) -> list[tuple[str, float]]:
@@ -51,76 +45,6 @@ def histogram_family(
     for value, histogram in histograms.items():
         family.add_metric([value], _buckets(histogram), histogram.sum)
     return family
-
-
-def _sum(samples: dict[str, float], names: tuple[str, ...]) -> float | None:
-    for name in names:
-        if name in samples:
-            return samples[name]
-    return None
-
-
-class EngineMetrics:
-    """The engine's own prefix-cache and KV numbers, fetched when Prometheus scrapes the gateway,
-    so that one scrape shows cache hit rates next to the engine's prefix-cache hit rate."""
-
-    def __init__(self, engine: EngineClient, *, timeout: float = 1.0) -> None:
-        self._engine = engine
-        self._timeout = timeout
-        self.up = False
-        self.values: dict[str, float] = {}
-
-    @property
-    def breaker(self) -> Breaker:
-        return self._engine.breaker
-
-    async def refresh(self) -> None:
-        try:
-            answer = await self._engine.get("/metrics", deadline=self._timeout)
-        except EngineError:
-            self.up = False
-            return
-        if answer.status != 200:
-            self.up = False
-            return
-        totals: dict[str, float] = {}
-        try:
-            for family in text_string_to_metric_families(answer.body.decode("utf-8", "replace")):
-                for sample in family.samples:
-                    totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
-        except ValueError:
-            self.up = False
-            return
-        self.up = True
-        self.values = totals
-
-    def families(self) -> Iterable[Metric]:
-        yield GaugeMetricFamily(
-            "strata_engine_metrics_up",
-            "1 if the engine's /metrics answered at the last scrape.",
-            value=1.0 if self.up else 0.0,
-        )
-        if not self.up:
-            return
-        queries, hits = _sum(self.values, _VLLM_QUERIES), _sum(self.values, _VLLM_HITS)
-        if queries is not None and hits is not None:
-            yield CounterMetricFamily(
-                "strata_engine_prefix_cache_queries",
-                "Tokens the engine looked up in its prefix cache (vLLM's counter).",
-                value=queries,
-            )
-            yield CounterMetricFamily(
-                "strata_engine_prefix_cache_hits",
-                "Of those, tokens found in the prefix cache (vLLM's counter).",
-                value=hits,
-            )
-        usage = _sum(self.values, _VLLM_KV_USAGE)
-        if usage is not None:
-            yield GaugeMetricFamily(
-                "strata_engine_kv_cache_usage_ratio",
-                "Share of the engine's KV-cache blocks in use (0..1).",
-                value=usage,
-            )
 
 
 class GatewayCollector(Collector):
@@ -235,7 +159,6 @@ class GatewayCollector(Collector):
         )
 
     def _breakers(self) -> Iterable[Metric]:
-        breakers = {"engine": self._engine.breaker, **self._chain.gates}
         state = GaugeMetricFamily(
             "strata_breaker_open",
             "1 while the circuit breaker in front of the engine or a cache layer is open or "
@@ -245,7 +168,10 @@ class GatewayCollector(Collector):
         opened = CounterMetricFamily(
             "strata_breaker_opened", "Times the breaker opened.", labels=["target"]
         )
-        for target, gate in breakers.items():
+        engine_open, engine_opened = self._engine.breaker_state()
+        state.add_metric(["engine"], 1.0 if engine_open else 0.0)
+        opened.add_metric(["engine"], float(engine_opened))
+        for target, gate in self._chain.gates.items():
             if isinstance(gate, Breaker):
                 state.add_metric([target], 0.0 if gate.state == "closed" else 1.0)
                 opened.add_metric([target], float(gate.opened))

@@ -9,15 +9,15 @@ from prometheus_client import CollectorRegistry
 
 from caches import CacheChain, RedisCache
 from config import Settings
-from engine import EngineClient
+from engine import Engine
+from gateway.engine_metrics import EngineMetrics
 from gateway.flow import CompletionService
-from gateway.metrics import EngineMetrics
 
 
 @dataclass(frozen=True, slots=True)
 class AppState:
     settings: Settings
-    engine: EngineClient
+    engine: Engine
     chain: CacheChain
     service: CompletionService
     registry: CollectorRegistry

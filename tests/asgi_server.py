@@ -16,11 +16,11 @@ import uvicorn
 
 
 @contextlib.asynccontextmanager
-async def served(app: Any) -> AsyncIterator[str]:
-    """Serve `app` on 127.0.0.1 and yield its base URL."""
+async def served(app: Any, port: int = 0) -> AsyncIterator[str]:
+    """Serve `app` on 127.0.0.1 (on `port`, or a free one) and yield its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,

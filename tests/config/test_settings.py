@@ -237,3 +237,66 @@ def test_cli_names_a_bad_ttl_rule() -> None:
     result = run_cli("serve", "--engine-url", "http://x", env={"STRATA_TTL_RULES": rules})
     assert result.returncode == 2
     assert "ttl_rules.0.pattern" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "urls"),
+    [
+        ("http://a:8000, http://b:8000/", ["http://a:8000", "http://b:8000"]),
+        ('["http://a:8000", "http://b:8000"]', ["http://a:8000", "http://b:8000"]),
+        ("http://a:8000", ["http://a:8000"]),
+    ],
+)
+def test_engine_urls_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, urls: list[str]
+) -> None:
+    monkeypatch.setenv("STRATA_ENGINE_URLS", value)
+    settings = Settings()
+    assert settings.engine_urls == urls
+    assert settings.upstream_urls == urls
+    assert not settings.launches_engine
+
+
+@pytest.mark.parametrize(
+    ("settings", "urls"),
+    [
+        ({"engine_url": "http://e:1/"}, ["http://e:1"]),
+        ({}, ["http://127.0.0.1:8000"]),
+        ({"engines": 3, "engine_port": 9000},
+         ["http://127.0.0.1:9000", "http://127.0.0.1:9001", "http://127.0.0.1:9002"]),
+    ],
+)  # fmt: skip
+def test_upstream_urls(settings: dict[str, object], urls: list[str]) -> None:
+    assert Settings(**settings).upstream_urls == urls  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"engine_url": "http://a:1", "engine_urls": ["http://b:1"]}, "not both"),
+        ({"engine_urls": ["http://a:1", "b:1"]}, "http://"),
+        ({"engine_urls": ["http://a:1", "http://a:1/"]}, "twice"),
+        ({"engines": 2, "engine_urls": ["http://a:1", "http://b:1"]}, "nothing is launched"),
+        ({"engines": 0}, "engines"),
+        ({"engines": 2, "engine_port": 65535}, "engine_port"),
+        ({"routing_policy": "random"}, "routing_policy"),
+        ({"routing_load_factor": 0.9}, "routing_load_factor"),
+        ({"routing_block_chars": 0}, "routing_block_chars"),
+        ({"routing_max_blocks": 0}, "routing_max_blocks"),
+        ({"engine_ejection_window": 0}, "engine_ejection_window"),
+        ({"engine_probe_interval": -1}, "engine_probe_interval"),
+        ({"engine_cpu_cores": "0-3;5"}, "engine_cpu_cores"),
+    ],
+)
+def test_bad_engine_and_routing_settings_are_refused(
+    settings: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**settings)  # type: ignore[arg-type]
+
+
+def test_cli_names_conflicting_engine_flags() -> None:
+    result = run_cli("serve", "--engine-url", "http://a:1", "--engine-url", "http://b:1",
+                     "--engines", "2")  # fmt: skip
+    assert result.returncode == 2
+    assert "nothing is launched" in result.stderr
