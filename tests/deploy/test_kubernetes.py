@@ -238,10 +238,7 @@ def test_the_chart_refuses_bad_values(values: list[str], message: str) -> None:
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_every_strata_variable_is_a_gateway_setting(scenario: str) -> None:
-    unknown = unknown_settings(gateway_env(render(scenario)))
-    if unknown == {"STRATA_ENGINE_URLS"} and "engine_urls" not in Settings.model_fields:
-        pytest.xfail("several engines need STRATA_ENGINE_URLS, which arrives with engine routing")
-    assert not unknown
+    assert not unknown_settings(gateway_env(render(scenario)))
 
 
 @pytest.mark.parametrize(
