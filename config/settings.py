@@ -148,8 +148,11 @@ class Settings(BaseSettings):
     # prefix: requests sharing their leading prompt blocks go to the same replica (its prefix
     # cache has them), within the load bound; round_robin and least_loaded ignore the prompt.
     routing_policy: Literal["prefix", "round_robin", "least_loaded"] = "prefix"
-    # A replica takes at most ceil(c * (requests in flight + 1) / healthy replicas) requests.
+    # A replica takes at most ceil(c * (requests in flight + 1) / healthy replicas) + slack
+    # requests: c bounds a hot prefix under load, the slack keeps a few requests from spilling
+    # onto replicas that have not cached their prompt while the engines are far from busy.
     routing_load_factor: float = Field(default=1.25, ge=1.0, le=100.0)
+    routing_load_slack: int = Field(default=2, ge=0, le=100_000)
     # The affinity key covers whole KV blocks of the leading prompt, a block approximated as this
     # many characters (16 tokens ~ 64 characters of English), and at most this many blocks.
     routing_block_chars: int = Field(default=64, ge=1, le=65536)

@@ -118,6 +118,7 @@ class EnginePool:
         *,
         policy: Policy = "prefix",
         load_factor: float = 1.25,
+        load_slack: int = 0,
         ejection_window: float = 5.0,
         probe_interval: float = 2.0,
         vnodes: int = VNODES,
@@ -128,11 +129,14 @@ class EnginePool:
             raise ValueError("a pool needs at least two replicas (one is an EngineClient)")
         if len({c.base_url for c in clients}) != len(clients):
             raise ValueError("every replica needs its own URL")
-        if load_factor < 1 or ejection_window <= 0 or probe_interval <= 0:
-            raise ValueError("load_factor must be >= 1, ejection_window and probe_interval > 0")
+        if load_factor < 1 or load_slack < 0 or ejection_window <= 0 or probe_interval <= 0:
+            raise ValueError(
+                "load_factor must be >= 1, load_slack >= 0, ejection_window and probe_interval > 0"
+            )
         self.replicas = [Replica(c.base_url, c) for c in clients]
         self.policy: Policy = policy
         self._factor = load_factor
+        self._slack = load_slack
         self._window = ejection_window
         self._interval = probe_interval
         self._clock = clock
@@ -171,7 +175,7 @@ class EnginePool:
             table = self.prefixes
             choice = place(
                 affinity, self._ring, loads, healthy, eligible, factor=self._factor,
-                owner=table.owner(affinity), prefixes=table.counts,
+                slack=self._slack, owner=table.owner(affinity), prefixes=table.counts,
             )  # fmt: skip
             if choice is not None and choice.home:
                 table.place(affinity, choice.index)

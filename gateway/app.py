@@ -180,6 +180,7 @@ def build_engine(settings: Settings) -> EngineClient | EnginePool:
         [build_client(settings, url, retries=0) for url in urls],
         policy=settings.routing_policy,
         load_factor=settings.routing_load_factor,
+        load_slack=settings.routing_load_slack,
         ejection_window=settings.engine_ejection_window,
         probe_interval=settings.engine_probe_interval,
     )

@@ -281,6 +281,7 @@ def test_upstream_urls(settings: dict[str, object], urls: list[str]) -> None:
         ({"engines": 2, "engine_port": 65535}, "engine_port"),
         ({"routing_policy": "random"}, "routing_policy"),
         ({"routing_load_factor": 0.9}, "routing_load_factor"),
+        ({"routing_load_slack": -1}, "routing_load_slack"),
         ({"routing_block_chars": 0}, "routing_block_chars"),
         ({"routing_max_blocks": 0}, "routing_max_blocks"),
         ({"engine_ejection_window": 0}, "engine_ejection_window"),

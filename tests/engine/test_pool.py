@@ -272,6 +272,7 @@ async def test_the_gateways_own_questions_fail_over_to_a_healthy_replica() -> No
         ({"urls": ["http://127.0.0.1:1"]}, "at least two"),
         ({"urls": ["http://127.0.0.1:1", "http://127.0.0.1:1/"]}, "its own URL"),
         ({"load_factor": 0.5}, "load_factor"),
+        ({"load_slack": -1}, "load_slack"),
         ({"ejection_window": 0}, "ejection_window"),
     ],
 )
