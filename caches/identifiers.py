@@ -47,11 +47,14 @@ _HEX = re.compile(r"[0-9a-f]{6,}")
 _CODE = re.compile(r"[^\W\d_]{1,3}\d{3,}")
 _JOINED = 4  # tokens of the other text that may spell one identifier
 _WORD = 4  # letters from which a part of a hyphenated token is a word, not part of a code
+# Prefixes hyphenated to a number: "pre-1861", "mid-90s" are years, not codes.
+_PREFIXES = frozenset({"pre", "post", "mid", "non", "anti", "ex", "co", "re", "sub", "un"})
 
 
 def _parts(token: str) -> list[str]:
     """A hyphenated token as identifiers see it: joined ("SKU-123-XL" is "sku123xl") except at
-    words ("b1-visa" is "b1", "visa") and between amounts ("10k-12k" is "10k", "12k")."""
+    words and prefixes ("b1-visa" is "b1", "visa"; "pre-1861" is "pre", "1861") and between
+    amounts ("10k-12k" is "10k", "12k")."""
     parts = _JOINERS.split(token)
     if len(parts) == 1:
         return parts
@@ -60,7 +63,7 @@ def _parts(token: str) -> list[str]:
     groups: list[str] = []
     code: list[str] = []
     for part in parts:
-        if part.isalpha() and len(part) >= _WORD:
+        if part.isalpha() and (len(part) >= _WORD or part in _PREFIXES):
             groups += ["".join(code), part] if code else [part]
             code = []
         else:
@@ -76,6 +79,8 @@ def _tokens(text: str) -> tuple[str, ...]:
 
 def _kind(token: str) -> str:
     """ "strong", "weak", or "" for a token that is no identifier (see the module's rules)."""
+    if token.isalpha() or token.isdigit():  # most tokens: settled without a regex
+        return ""
     if _VERSION.fullmatch(token):
         return "weak"  # a version or a dotted date: like a number, a swap is what counts
     plain = token.replace(".", "")
@@ -108,8 +113,11 @@ def _spellings(text: str) -> frozenset[str]:
 
 def _unmatched(text: str, other: str) -> set[str]:
     """The kinds of `text`'s identifiers that `other` does not match."""
+    found = _identifiers(text)
+    if not found:
+        return set()
     spelled = _spellings(other)
-    return {kind for token, kind in _identifiers(text) if token not in spelled}
+    return {kind for token, kind in found if token not in spelled}
 
 
 def identifier_mismatch(cached: str, query: str) -> bool:
