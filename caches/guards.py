@@ -3,11 +3,13 @@
 A semantic cache is fooled most often by two questions that share nearly every word and differ in
 the one that decides the answer: a number ("5 km" / "10 km"), a negation ("... is a prime" / "...
 is not a prime"), the direction of a conversion or comparison ("miles to km" / "km to miles"), a
-named entity ("capital of France" / "capital of Germany"), or the language or format asked for
-("in Python" / "in Java"). Sentence embeddings put such pairs very close together. Each guard
+named entity ("capital of France" / "capital of Germany"), the language or format asked for
+("in Python" / "in Java"), or an opaque identifier ("order #A1234" / "order #B9876",
+`caches.identifiers`). Sentence embeddings put such pairs very close together. Each guard
 below is a pure function `(cached, query) -> bool` that is true when the pair shows that kind of
-mismatch; `caches.verifier` uses some as hard rejects and feeds all of them to its model as
-features (which ones are hard rejects, and why, is documented there with the measurements).
+mismatch; `caches.verifier` uses some as hard rejects and feeds those of `FEATURE_GUARDS` to its
+model as features (which ones are hard rejects, and why, is documented there with the
+measurements).
 
 Guards are deliberately conservative in what they call a mismatch: "one text has a number, the
 other has none" is not a number mismatch (the model sees that as a separate feature), because
@@ -20,6 +22,8 @@ import difflib
 import re
 from collections.abc import Callable
 from functools import lru_cache
+
+from caches.identifiers import identifier_mismatch
 
 
 def _wordset(text: str) -> frozenset[str]:
@@ -311,4 +315,16 @@ GUARDS: dict[str, Guard] = {
     "entity": entity_mismatch,
     "language": language_mismatch,
     "question_word": question_word_mismatch,
+    "identifier": identifier_mismatch,
 }
+# The guards the verifier's model also reads, as 0/1 features in this order. Not "identifier":
+# it is only ever a hard veto (a vetoed pair never reaches the model) and it fires on too few of
+# the fitting pairs (0.5% of qqp_train) for a feature to teach the model anything.
+FEATURE_GUARDS: tuple[str, ...] = (
+    "numbers",
+    "negation",
+    "direction",
+    "entity",
+    "language",
+    "question_word",
+)

@@ -5,7 +5,7 @@ Two kinds, both cheap enough for the hit path (~0.1 ms for a pair of ordinary qu
 * scalar features from the text: the cosine, overlaps (words, content words, word bigrams,
   character trigrams, longest matching blocks), lengths and how many words each side has that the
   other lacks, whether the first and last words agree, how many questions each packs in, and
-  every guard of `caches.guards` as a 0/1 flag;
+  the guards of `caches.guards.FEATURE_GUARDS` as 0/1 flags;
 * the element-wise |u - v| and u * v of the two embeddings (what the pair differs in, what it
   shares), 384 values each for all-MiniLM-L6-v2.
 
@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from caches.embedder import Tokens
-from caches.guards import GUARDS, content_words, numbers_one_sided, words
+from caches.guards import FEATURE_GUARDS, GUARDS, content_words, numbers_one_sided, words
 
 EMBEDDING_DIM = 384
 
@@ -49,7 +49,7 @@ SCALAR_FEATURES: tuple[str, ...] = (
     "questions_min",
     "questions_max",
     "numbers_one_sided",
-    *(f"guard_{name}" for name in GUARDS),
+    *(f"guard_{name}" for name in FEATURE_GUARDS),
 )
 VECTOR_FEATURES: tuple[str, ...] = ("abs_diff", "product")
 FEATURES: tuple[str, ...] = SCALAR_FEATURES + VECTOR_FEATURES
@@ -96,7 +96,7 @@ def scalar_features(cached: str, query: str, similarity: float) -> list[float]:
         float(min(questions[0], 3)),
         float(min(questions[1], 3)),
         float(numbers_one_sided(cached, query)),
-        *(float(guard(cached, query)) for guard in GUARDS.values()),
+        *(float(GUARDS[name](cached, query)) for name in FEATURE_GUARDS),
     ]
 
 

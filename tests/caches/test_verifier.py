@@ -179,6 +179,7 @@ def test_guards_are_named_as_reasons() -> None:
         "entity",
         "language",
         "question_word",
+        "identifier",
     }
     assert guards.question_word_mismatch("Why is it red?", "How is it red?")
     assert not guards.question_word_mismatch("Why is it red?", "why is it red")
@@ -355,6 +356,7 @@ def test_default_verifier_accepts_the_same_question(verifier: Verifier) -> None:
         ("What is the capital of France?", "What is the capital of Germany?", "entity"),
         ("Is 91 a prime number?", "Why is 91 not a prime number?", "negation"),
         ("Reverse a list in Python", "Reverse a list in Java", "entity"),
+        ("where is my order #a1234", "where is my order #b9876", "identifier"),
     ],
 )
 def test_default_verifier_vetoes_near_misses(
@@ -411,6 +413,7 @@ def test_default_verifier_with_the_real_model(
         ("How do I convert miles to km?", "How do I convert km to miles?", False),
         ("What is the capital of France?", "What is the capital of Germany?", False),
         ("What is the best laptop for students?", "What is the best phone for students?", False),
+        ("what is the status of batch af394c2e", "what is the status of batch be70d13a", False),
     ]
     rows = minilm([text for pair in cases for text in pair[:2]])
     for i, (cached, query, expected) in enumerate(cases):

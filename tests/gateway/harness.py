@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from caches import CacheChain, CacheLayer, MemoryCache, RedisCache
 from caches.embedder import EmbeddingBatcher, HashingEmbedder
-from caches.semantic import SemanticCache
+from caches.semantic import SemanticCache, Verifier
 from caches.vector_index import VectorIndex
 from config import Settings
 from engine import EngineClient
@@ -125,14 +125,16 @@ async def gateway(
 
 
 @asynccontextmanager
-async def semantic_gateway(**settings: Any) -> AsyncIterator[Harness]:
-    """`gateway` with an L3 of its own: the hashing embedder (same words: cosine 1.0) and a
-    cosine-only verifier at 0.95."""
+async def semantic_gateway(
+    *, verifier: Verifier | None = None, dimension: int = 64, **settings: Any
+) -> AsyncIterator[Harness]:
+    """`gateway` with an L3 of its own: the hashing embedder (same words: cosine 1.0) and, unless
+    another is given, a cosine-only verifier at 0.95."""
     clock = FakeClock()
     l3 = SemanticCache(
-        batcher=EmbeddingBatcher(HashingEmbedder(64)),
-        verifier=CosineVerifier(0.95),
-        index=VectorIndex(64, clock=clock),
+        batcher=EmbeddingBatcher(HashingEmbedder(dimension)),
+        verifier=verifier or CosineVerifier(0.95),
+        index=VectorIndex(dimension, clock=clock),
         min_similarity=0.5,
         clock=clock,
     )

@@ -6,8 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
 import pytest
 
+from caches.pair_features import EMBEDDING_DIM, N_FEATURES
+from caches.verifier import Network, Verifier, VerifierParams
 from tests.gateway.harness import Harness, chat_body, semantic_gateway
 
 KEYS = {"team-a": "sk-team-a-0001", "team-b": "sk-team-b-0002"}
@@ -102,3 +105,60 @@ async def test_max_age_applies_to_l3() -> None:
             chat_body(PARAPHRASE), headers={**auth(), "cache-control": "max-age=60"}
         )
     assert old.headers["x-strata-cache"] == "miss"
+
+
+def guarded_verifier(hard_guards: tuple[str, ...]) -> Verifier:
+    """The real verifier with the given hard guards and a model that accepts whatever reaches it:
+    only a guard (or the floor) can turn a candidate down."""
+    accept_all = Network(
+        w1=np.zeros((N_FEATURES, 1), np.float32),
+        b1=np.zeros(1, np.float32),
+        w2=np.zeros(1, np.float32),
+        linear=np.zeros(N_FEATURES, np.float32),
+        b2=10.0,
+    )
+    return Verifier(VerifierParams(accept_all, 0.5, 0.5, hard_guards))
+
+
+# Identifiers that only the identifier guard catches: no leading digit (the number guard's) and
+# lower case (a capitalised "#A1234" is also a name to the entity guard).
+@pytest.mark.parametrize(
+    ("stored", "swapped", "same"),
+    [
+        (
+            "What is the status of batch af394c2e?",
+            "What is the status of batch be70d13a?",
+            "what is the status of batch AF394C2E",
+        ),
+        ("where is my order #a1234?", "where is my order #b9876?", "Where is my order A-1234"),
+    ],
+)
+async def test_a_swapped_identifier_is_an_l3_miss(stored: str, swapped: str, same: str) -> None:
+    verifier = guarded_verifier(VerifierParams.load().hard_guards)  # the shipped ones
+    async with with_l3(verifier=verifier, dimension=EMBEDDING_DIM) as gw:
+        first = await gw.chat(chat_body(stored), headers=auth())
+        other = await gw.chat(chat_body(swapped), headers=auth())
+        again = await gw.chat(chat_body(same), headers=auth())
+    assert first.headers["x-strata-cache"] == "miss"
+    assert other.headers["x-strata-cache"] == "miss"
+    assert "l3;dur=" in other.headers["server-timing"]  # L3 looked, and turned it down
+    assert verifier.verify(stored, swapped, 0.99, *unit_vectors()).reason == "identifier"
+    # The same identifier written differently is still the same question.
+    assert again.headers["x-strata-layer"] == "l3"
+    assert gw.engine_calls() == 2
+
+
+async def test_without_the_identifier_guard_the_swap_would_be_served() -> None:
+    """The control for the test above: its questions are near enough for L3 to serve one for the
+    other; the identifier guard is what stops it."""
+    others = tuple(g for g in VerifierParams.load().hard_guards if g != "identifier")
+    async with with_l3(verifier=guarded_verifier(others), dimension=EMBEDDING_DIM) as gw:
+        await gw.chat(chat_body("What is the status of batch af394c2e?"), headers=auth())
+        other = await gw.chat(chat_body("What is the status of batch be70d13a?"), headers=auth())
+    assert other.headers["x-strata-layer"] == "l3"
+
+
+def unit_vectors() -> tuple[np.ndarray, np.ndarray]:
+    v = np.zeros(EMBEDDING_DIM, np.float32)
+    v[0] = 1.0
+    return v, v
