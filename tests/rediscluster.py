@@ -14,12 +14,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from types import TracebackType
 
 import redis
 from redis.exceptions import RedisError
 
-from tests.redisproc import RedisServer, RedisServerError, free_port
+from tests.redisproc import Closing, RedisServer, RedisServerError, free_port
 
 SLOTS = 16384
 
@@ -55,7 +54,7 @@ def _replication(port: int) -> dict[str, object]:
     return reply if isinstance(reply, dict) else {}
 
 
-class RedisCluster:
+class RedisCluster(Closing):
     """Three masters and three replicas; `node_timeout_ms` is how long a master may be silent
     before the others fail it over."""
 
@@ -200,14 +199,6 @@ class RedisCluster:
     def __enter__(self) -> RedisCluster:
         self.start()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _slots(port: int) -> list[tuple[int, int, int]]:

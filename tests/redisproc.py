@@ -58,7 +58,22 @@ def ping(port: int, *, timeout: float = 0.5) -> bool:
         return False
 
 
-class RedisServer:
+class Closing:
+    """Closed when its `with` block ends, however it ends."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RedisServer(Closing):
     """One redis-server child process on a fixed loopback port."""
 
     def __init__(
@@ -161,14 +176,6 @@ class RedisServer:
 
     def __enter__(self) -> RedisServer:
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def start_redis_server(*, attempts: int = 3) -> RedisServer:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from types import TracebackType
 
 import redis
 from redis.exceptions import RedisError
 
-from tests.redisproc import RedisServer, RedisServerError
+from tests.redisproc import Closing, RedisServer, RedisServerError
 
 SERVICE = "strata-test"
 
@@ -37,7 +36,7 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisSentinel:
+class RedisSentinel(Closing):
     def __init__(
         self, *, service: str = SERVICE, down_after_ms: int = 1000, timeout: float = 30.0
     ) -> None:
@@ -148,11 +147,3 @@ class RedisSentinel:
     def __enter__(self) -> RedisSentinel:
         self.start()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
