@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,14 @@ def percentile(values: list[float], q: float) -> float:
 
 @pytest.fixture
 async def stack(redis_server: RedisServer) -> AsyncIterator[Stack]:
+    async with open_stack(redis_server) as opened:
+        yield opened
+
+
+@asynccontextmanager
+async def open_stack(redis_server: RedisServer) -> AsyncIterator[Stack]:
+    """A gateway in process whose Redis is `redis_server` behind a fault proxy; a fresh one
+    each time (its own key prefix, breakers and caches)."""
     redis_server.start()
     engine = FakeEngine(model="strata-fake", delay=ENGINE_DELAY, answer_bytes=300)
     async with served(engine) as engine_url, fault_proxy("127.0.0.1", redis_server.port) as proxy:
