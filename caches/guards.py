@@ -41,6 +41,12 @@ STOPWORDS = _wordset(
     your yours yourself s t ve ll d re m"""
 )
 NEGATIONS = _wordset("not no never none nobody nothing nowhere neither nor cannot without unable")
+# "n't" contractions typed without the apostrophe: "why wont my phone turn on" is as negated as
+# "why won't my phone turn on" (the guard used to veto that pair as a negation swap).
+BARE_CONTRACTIONS = _wordset(
+    """dont doesnt didnt isnt arent wasnt werent wont cant couldnt shouldnt wouldnt havent hasnt
+    hadnt aint mustnt neednt"""
+)
 QUESTION_WORDS = _wordset("what why how which who whom whose when where")
 # Connectors whose two sides must not swap: conversion, translation, comparison.
 DIRECTIONAL = _wordset("to into than")
@@ -147,7 +153,10 @@ def is_negated(text: str) -> bool:
 
     Idioms that negate nothing do not count ("or not", "why or why not", "no. 1").
     """
-    return any(w in NEGATIONS or w.endswith("n't") for w in words(_NOT_NEGATING.sub(" ", text)))
+    return any(
+        w in NEGATIONS or w in BARE_CONTRACTIONS or w.endswith("n't")
+        for w in words(_NOT_NEGATING.sub(" ", text))
+    )
 
 
 def entities(text: str) -> frozenset[str]:

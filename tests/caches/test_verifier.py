@@ -116,6 +116,9 @@ def test_numbers_are_normalised() -> None:
         ("Should the system change? Why or why not?", "Should the system change?", False),
         ("Can we travel in time? If not, why?", "Can we travel in time?", False),
         ("Is it safe or not?", "Is it not safe?", True),
+        ("Why won't my phone turn on?", "why wont my phone turn on", False),
+        ("Why doesnt my iPod charge?", "Why does my iPod not charge?", False),
+        ("Why does my iPod charge?", "Why doesnt my iPod charge?", True),
     ],
 )
 def test_negation_guard(cached: str, query: str, expected: bool) -> None:
