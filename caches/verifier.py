@@ -30,9 +30,9 @@ guards applied:
     method                             precision  recall  false hits
     cosine alone, at 1.5% false hits      86.4%   16.0%     1.50%
     cosine alone, at 2.0% false hits      85.1%   19.2%     2.00%
-    verifier, at 1.0% false hits          95.1%   32.8%     1.00%
-    verifier, default (1.5%)              93.8%   38.1%     1.50%
-    verifier, at 2.0% false hits          92.9%   44.0%     2.00%
+    verifier, at 1.0% false hits          95.1%   32.9%     1.00%
+    verifier, default (1.5%)              93.7%   38.3%     1.52%
+    verifier, at 2.0% false hits          92.9%   44.2%     2.00%
     (network alone, before the token stage: 33.1% at 1.5%, 38.4% at 2.0%)
 
 Most of what still separates this from perfect is Quora's labelling, read pair by pair: the
