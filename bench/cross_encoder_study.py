@@ -27,13 +27,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.fit_verifier import model_folder
-from caches.embedder import SentenceTransformerEmbedder
+from bench.fit_verifier import best_point
+from caches.embedder import SentenceTransformerEmbedder, default_model_path
 from caches.semantic_eval import Pair, load_pairs, score_pairs
 from caches.verifier import Verifier
 
@@ -48,7 +49,7 @@ def build(seed: int) -> tuple[Any, Any, Callable[[list[str], list[str]], Any]]:
     from sentence_transformers import SentenceTransformer  # noqa: PLC0415
 
     torch.manual_seed(seed)
-    st = SentenceTransformer(str(model_folder()), device="cpu", local_files_only=True)
+    st = SentenceTransformer(str(default_model_path()), device="cpu", local_files_only=True)
     bert, tokenizer = st[0].auto_model, st.tokenizer
     head = torch.nn.Linear(3 * int(bert.config.hidden_size), 1)
 
@@ -159,11 +160,6 @@ def auc(scores: np.ndarray, y: np.ndarray) -> float:
     return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * (len(y) - pos)))
 
 
-def recall_at(scores: np.ndarray, y: np.ndarray, fhr: float) -> float:
-    negatives = np.sort(scores[~y])[::-1]
-    return float((scores[y] > negatives[int(fhr * len(negatives))]).mean())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=Path, default=DATA / "qqp_train.jsonl")
@@ -216,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| scores | AUC | recall @1.5% | recall @2.0% |\n|---|---:|---:|---:|")
     for name, scores, with_auc in rows:
         a = f"{auc(scores, y):.3f}" if with_auc else ""
-        r15, r20 = recall_at(scores, y, 0.015), recall_at(scores, y, 0.02)
+        scored = replace(shipped, scores=scores)
+        r15, r20 = best_point(scored, 0.015).recall, best_point(scored, 0.02).recall
         print(f"| {name} | {a} | {r15:.2%} | {r20:.2%} |")
     pair = [("How do I reset my password?", "How can I reset my password?")]
     for _ in range(5):

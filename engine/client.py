@@ -40,6 +40,15 @@ class EngineResponse:
     content_type: str
 
 
+async def read_whole(response: UpstreamResponse) -> EngineResponse:
+    """Read a response's whole body and close it (closed even when reading fails)."""
+    try:
+        content = await response.read()
+    finally:
+        await response.aclose()
+    return EngineResponse(response.status, content, response.content_type or JSON)
+
+
 class Engine(Protocol):
     """What the gateway asks of its engine: one `EngineClient`, or an `engine.pool.EnginePool` of
     replicas. `affinity` is a request's key for prefix-aware routing (`engine.routing`); only a
@@ -114,12 +123,7 @@ class EngineClient:
 
     async def post(self, path: str, body: bytes, *, affinity: int | None = None) -> EngineResponse:
         """POST a JSON body and read the whole answer (`affinity` is for pools; unused here)."""
-        response = await self._guarded(path, body)
-        try:
-            content = await response.read()
-        finally:
-            await response.aclose()
-        return EngineResponse(response.status, content, response.content_type or JSON)
+        return await read_whole(await self._guarded(path, body))
 
     async def open_stream(
         self, path: str, body: bytes, *, affinity: int | None = None

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from engine.client import JSON, EngineClient, EngineResponse
+from engine.client import EngineClient, EngineResponse, read_whole
 from engine.errors import EngineError, EngineTimeout, EngineUnavailable
 from engine.prefix_table import PREFIX_TTL, PrefixTable
 from engine.routing import (
@@ -49,7 +49,6 @@ from engine.routing import (
     Ring,
     in_turn,
     least_loaded,
-    place,
 )
 from engine.transport import UpstreamResponse
 
@@ -172,15 +171,10 @@ class EnginePool:
             index = in_turn(turn, eligible)
             choice = None if index is None else Choice(index, "round_robin")
         elif self.policy == "prefix" and affinity is not None:
-            table = self.prefixes
-            choice = place(
+            choice = self.prefixes.route(
                 affinity, self._ring, loads, healthy, eligible, factor=self._factor,
-                slack=self._slack, owner=table.owner(affinity), prefixes=table.counts,
+                slack=self._slack,
             )  # fmt: skip
-            if choice is not None and choice.home:
-                table.place(affinity, choice.index)
-            else:
-                table.seen(affinity)
         else:
             index = least_loaded(loads, eligible, turn)
             choice = None if index is None else Choice(index, "least_loaded")
@@ -226,12 +220,7 @@ class EnginePool:
 
     async def post(self, path: str, body: bytes, *, affinity: int | None = None) -> EngineResponse:
         """POST a JSON body to the chosen replica and read the whole answer."""
-        response = await self.open_stream(path, body, affinity=affinity)
-        try:
-            content = await response.read()
-        finally:
-            await response.aclose()
-        return EngineResponse(response.status, content, response.content_type or JSON)
+        return await read_whole(await self.open_stream(path, body, affinity=affinity))
 
     # --- the gateway's own questions ---
 

@@ -10,6 +10,8 @@ keep them; the gateway's best guess of where a prefix lives is where it last sen
   bound of `engine.routing.place`.
 - `forget_replica(i)` drops every key of an ejected replica (its cache is gone or unreachable),
   so they are placed afresh.
+- `route(key, ...)` is `engine.routing.place` fed with this table's owner and counts, and
+  records its answer: the one place where a placement and the table meet.
 - Pure bookkeeping: no I/O, no tasks; time from an injected monotonic clock; each call costs O(1)
   amortized (forgetting a replica: O(keys)).
 """
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from engine.routing import Choice, Ring, place
 
 # A prefix unused this long is taken to be gone from the engine's cache.
 PREFIX_TTL = 300.0
@@ -79,6 +83,29 @@ class PrefixTable:
         if entry is not None:
             self._entries[key] = (entry[0], self._clock())
             self._entries.move_to_end(key)
+
+    def route(
+        self,
+        key: int,
+        ring: Ring,
+        loads: Sequence[int],
+        healthy: Sequence[bool],
+        eligible: Sequence[bool],
+        *,
+        factor: float,
+        slack: int = 0,
+    ) -> Choice | None:
+        """`engine.routing.place` with this table's owner of `key` and live prefix counts; the
+        result is recorded: a new home owns the key from now on, otherwise it stays live."""
+        choice = place(
+            key, ring, loads, healthy, eligible, factor=factor, slack=slack,
+            owner=self.owner(key), prefixes=self.counts,
+        )  # fmt: skip
+        if choice is not None and choice.home:
+            self.place(key, choice.index)
+        else:
+            self.seen(key)
+        return choice
 
     def forget_replica(self, replica: int) -> None:
         doomed = [key for key, (owner, _) in self._entries.items() if owner == replica]

@@ -6,7 +6,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import pytest
 
 from engine.fleet import (
@@ -18,7 +17,7 @@ from engine.fleet import (
     visible_gpus,
 )
 from engine.launcher import EngineLaunchError, EngineSupervisor, LaunchSpec
-from tests.engine.test_launcher import stand_in_vllm  # noqa: F401 - a fixture
+from tests.engine.test_launcher import serving, stand_in_vllm  # noqa: F401 - a fixture
 from tests.redisproc import free_port
 
 
@@ -105,14 +104,6 @@ def test_gpu_replicas_get_one_device_each(tmp_path: Path) -> None:
     assert all("VLLM_CPU_OMP_THREADS_BIND" not in e for e in envs)
     with pytest.raises(ValueError, match="GPUs"):
         replica_specs(base_spec(tmp_path, device="gpu"), 3, gpus=["0", "1"])
-
-
-async def serving(url: str) -> bool:
-    try:
-        async with httpx.AsyncClient(timeout=1.0) as client:
-            return (await client.get(url + "/v1/models")).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def fleet_specs(tmp_path: Path, count: int) -> list[LaunchSpec]:

@@ -293,15 +293,7 @@ def test_prefixes_that_hash_to_one_replica_are_spread_within_the_bound(
     everyone = [True] * replicas
     idle = [0] * replicas
     for k in keys_homed_on(ring, 0, prefixes) * 3:  # each asked three times
-        choice = place(
-            k, ring, idle, everyone, everyone, factor=1.25, owner=table.owner(k),
-            prefixes=table.counts,
-        )  # fmt: skip
-        assert choice is not None
-        if choice.home:
-            table.place(k, choice.index)
-        else:
-            table.seen(k)
+        assert table.route(k, ring, idle, everyone, everyone, factor=1.25) is not None
     assert len(table) == prefixes
     assert max(table.counts) <= math.ceil(1.25 * prefixes / replicas)
     assert table.counts[0] == max(table.counts)  # their ring replica kept the most
@@ -377,13 +369,7 @@ def test_a_replica_that_took_over_gives_prefixes_back_when_the_other_rejoins() -
     def ask_each() -> list[int]:
         homes = []
         for k in keys:
-            choice = place(
-                k, ring, idle, everyone, everyone, factor=1.25, owner=table.owner(k),
-                prefixes=table.counts,
-            )  # fmt: skip
-            assert choice is not None
-            if choice.home:
-                table.place(k, choice.index)
+            assert table.route(k, ring, idle, everyone, everyone, factor=1.25) is not None
             homes.append(table.owner(k) or 0)
         return homes
 
